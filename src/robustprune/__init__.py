@@ -1,0 +1,15 @@
+"""robustprune: compress neural networks while keeping benign, adversarial and verified robustness.
+
+Pre-train, prune, fine-tune — with the same robust objective in both training stages (Sehwag et al. 2019).
+"""
+__version__ = "0.1.0"
+
+from robustprune.data import load_dataset  # noqa: E402
+from robustprune.models import create_model  # noqa: E402
+from robustprune.train import fit  # noqa: E402
+from robustprune.pruning import prune  # noqa: E402
+from robustprune.evaluate import evaluate  # noqa: E402
+from robustprune import export  # noqa: E402
+from robustprune.pipeline import run  # noqa: E402
+
+__all__ = ["__version__", "create_model", "evaluate", "export", "fit", "load_dataset", "prune", "run"]

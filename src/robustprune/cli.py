@@ -1,0 +1,213 @@
+"""The ``robustprune`` command: a thin argparse layer over the pipeline and its stage functions.
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 anything else (set ROBUSTPRUNE_DEBUG=1 for a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from robustprune import __version__
+from robustprune.config import Config, load_config
+from robustprune.errors import UserError
+
+LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (default: the embedded digits / PGD / 10× default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set threat.eps=0.1 (repeatable)")
+
+
+def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=what == "checkpoint", help=f"output {what}")
+    p.add_argument("--force", action="store_true", help=f"replace an existing {what}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="robustprune", description="Compress networks, keep their robustness.")
+    parser.add_argument("--version", action="version", version=f"robustprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="the whole pipeline: pre-train, prune, fine-tune, evaluate, report")
+    _add_config_args(p)
+    _add_out_args(p, "run folder")
+
+    p = sub.add_parser("train", help="pre-train a dense model → checkpoint")
+    _add_config_args(p)
+    _add_out_args(p, "checkpoint")
+
+    p = sub.add_parser("prune", help="prune a checkpoint → checkpoint")
+    p.add_argument("checkpoint")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--compression", type=float, help="prunable / nonzero prunable weights (>= 1)")
+    amount.add_argument("--sparsity", type=float, help="fraction of prunable weights set to 0, in [0, 1)")
+    p.add_argument("--scope", choices=("layer", "global"))
+    p.add_argument("--rule", help="pruning rule (robustprune list pruners)")
+    _add_config_args(p)
+    _add_out_args(p, "checkpoint")
+
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) checkpoint with its masks fixed → checkpoint")
+    p.add_argument("checkpoint")
+    _add_config_args(p)
+    _add_out_args(p, "checkpoint")
+
+    p = sub.add_parser("evaluate", help="benign and PGD accuracy of a checkpoint")
+    p.add_argument("checkpoint")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("list", help="list registered names")
+    p.add_argument("kind", choices=LIST_KINDS)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from robustprune.pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run(cfg, out, force=args.force, quiet=args.quiet)
+    print(f"\nrun folder: {out}")
+
+
+def _checkpoint_config(args: argparse.Namespace, meta: dict) -> Config:
+    return load_config(args.config, args.overrides, base=meta.get("config"))
+
+
+def _check_out_file(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a checkpoint file name like model.safetensors")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists (use --force to replace it)")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _stage_setup(cfg: Config):
+    from robustprune import pipeline
+    from robustprune.runtime import resolve_device, seed_everything
+
+    pipeline.check_names(cfg)
+    data = pipeline.load_data(cfg)
+    generator = seed_everything(cfg.seed)
+    return pipeline, data, generator, resolve_device(cfg.device)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from robustprune.export import save
+
+    cfg = load_config(args.config, args.overrides)
+    out = _check_out_file(args.out, args.force)
+    pipeline, data, generator, device = _stage_setup(cfg)
+    model = pipeline.new_model(cfg, data).to(device)
+    history = pipeline.pretrain(model, cfg, data, pipeline.build_objective(cfg.objective, cfg.threat),
+                                generator=generator, quiet=args.quiet)
+    save(model, out, stage="pretrained", config=cfg.to_dict(), history=history)
+    print(f"pre-trained model: {out}")
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from robustprune.export import load, read_metadata, save
+    from robustprune.pipeline import check_names, prune_model
+    from robustprune.pruning import sparsity_report
+
+    meta = read_metadata(args.checkpoint)
+    overrides = list(args.overrides)
+    overrides += [f"prune.compression={args.compression}"] if args.compression is not None else []
+    overrides += [f"prune.sparsity={args.sparsity}"] if args.sparsity is not None else []
+    overrides += [f"prune.scope={args.scope}"] if args.scope else []
+    overrides += [f"prune.rule={args.rule}"] if args.rule else []
+    cfg = load_config(args.config, overrides, base=meta.get("config"))
+    check_names(cfg)
+    out = _check_out_file(args.out, args.force)
+    model, _ = load(args.checkpoint)
+    plan = prune_model(model, cfg)
+    save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
+    s = sparsity_report(model)
+    print(f"pruned model ({s['params_nonzero']}/{s['params_prunable']} weights kept, "
+          f"compression {s['compression']:.2f}×): {out}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from robustprune.export import load, read_metadata, save
+
+    meta = read_metadata(args.checkpoint)
+    cfg = _checkpoint_config(args, meta)
+    out = _check_out_file(args.out, args.force)
+    pipeline, data, generator, device = _stage_setup(cfg)
+    model, _ = load(args.checkpoint, device)
+    objective_cfg = cfg.finetune_objective or cfg.objective
+    history = pipeline.finetune(model, cfg, data, pipeline.build_objective(objective_cfg, cfg.threat),
+                                generator=generator, quiet=args.quiet)
+    save(model, out, stage="finetuned", config=cfg.to_dict(), plan=meta.get("plan"), history=history)
+    print(f"fine-tuned model: {out}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from robustprune.export import load, read_metadata
+    from robustprune.report import finite, stage_table
+
+    meta = read_metadata(args.checkpoint)
+    cfg = _checkpoint_config(args, meta)
+    pipeline, data, _, device = _stage_setup(cfg)
+    model, _ = load(args.checkpoint, device)
+    metrics = finite(pipeline.measure(model, cfg, data))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(stage_table({"stages": {meta.get("stage", "model"): metrics}}))
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from robustprune.attacks import ATTACKS
+    from robustprune.data import DATASETS
+    from robustprune.models import MODELS
+    from robustprune.objectives import OBJECTIVES
+    from robustprune.pruning import PRUNERS
+
+    registry = {"models": MODELS, "datasets": DATASETS, "objectives": OBJECTIVES, "pruners": PRUNERS,
+                "attacks": ATTACKS}[args.kind]
+    print("\n".join(registry.names()))
+
+
+COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune": _cmd_finetune,
+            "evaluate": _cmd_evaluate, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+        return 0
+    except UserError as err:
+        print(f"robustprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: say so in one line unless asked for the traceback
+        if os.environ.get("ROBUSTPRUNE_DEBUG"):
+            raise
+        print(f"robustprune: internal error: {type(err).__name__}: {err} "
+              "(set ROBUSTPRUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,297 @@
+"""Typed configuration: frozen dataclasses ← YAML ← ``--set a.b=value`` overrides.
+
+Precedence is defaults < YAML file < ``--set``. Every key is checked against the dataclasses (unknown keys get a
+"did you mean"), every value against its field type and range, and "8/255" is read with :class:`fractions.Fraction`
+— never ``eval``. Any problem raises :class:`~robustprune.errors.UserError` with a one-line message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from robustprune.errors import UserError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # a registered dataset (robustprune list datasets)
+    root: str | None = None  # data root; default $ROBUSTPRUNE_DATA, else ~/.cache/robustprune
+    path: str | None = None  # a file, for datasets read from one file (npz)
+    batch_size: int = 64
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn-small"  # a registered model (robustprune list models)
+
+
+@dataclass(frozen=True)
+class ThreatConfig:
+    norm: str = "linf"
+    eps: float = 0.2  # in pixel units: inputs live in [0, 1]
+
+    def __post_init__(self) -> None:
+        _check(self.norm in ("linf", "l2"), f"threat.norm must be 'linf' or 'l2', got {self.norm!r}")
+        _check(self.eps >= 0, f"threat.eps must be >= 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "pgd"  # a registered objective (robustprune list objectives)
+    eps: float | None = None  # training radius; default threat.eps
+    steps: int = 10  # attack steps per training batch (pgd)
+    step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.eps is None or self.eps >= 0, f"objective.eps must be >= 0, got {self.eps}")
+        _check(self.steps >= 1, f"objective.steps must be >= 1, got {self.steps}")
+        _check(self.step_size is None or self.step_size > 0, "objective.step_size must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | onecycle | step | constant
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the epochs where lr *= gamma
+    gamma: float = 0.1
+    eps_warmup_epochs: float = 0.0  # ramp the objective's ε linearly from 0 over these epochs
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        _check(self.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        schedules = ("cosine", "onecycle", "step", "constant")
+        _check(self.schedule in schedules, f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}")
+        _check(all(0 < m < 1 for m in self.milestones), "milestones must be fractions in (0, 1)")
+        _check(self.eps_warmup_epochs >= 0, "eps_warmup_epochs must be >= 0")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    rule: str = "magnitude"  # a registered pruning rule (robustprune list pruners)
+    scope: str = "layer"  # layer: the same rate in every layer | global: one threshold over all layers
+    compression: float | None = 10.0  # prunable weights / nonzero prunable weights
+    sparsity: float | None = None  # = 1 - 1/compression; give one of the two
+
+    def __post_init__(self) -> None:
+        _check(self.scope in ("layer", "global"), f"prune.scope must be 'layer' or 'global', got {self.scope!r}")
+        _check((self.compression is None) != (self.sparsity is None), "give exactly one of prune.compression, prune.sparsity")
+        if self.compression is not None:
+            _check(math.isfinite(self.compression) and self.compression >= 1,
+                   f"prune.compression must be a finite number >= 1, got {self.compression}")
+        if self.sparsity is not None:
+            _check(0 <= self.sparsity < 1, f"prune.sparsity must lie in [0, 1), got {self.sparsity}")
+
+    @property
+    def target_compression(self) -> float:
+        return self.compression if self.compression is not None else 1.0 / (1.0 - self.sparsity)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    pgd_steps: int = 50
+    pgd_restarts: int = 1  # a sample counts as robust only if it survives every restart
+    pgd_step_size: float | None = None  # default 2.5 * eps / steps
+    n_samples: int | None = None  # evaluate on the first n test samples (None: all)
+
+    def __post_init__(self) -> None:
+        _check(self.pgd_steps >= 0, "evaluate.pgd_steps must be >= 0 (0 disables the attack)")
+        _check(self.pgd_restarts >= 1, "evaluate.pgd_restarts must be >= 1")
+        _check(self.pgd_step_size is None or self.pgd_step_size > 0, "evaluate.pgd_step_size must be > 0")
+        _check(self.n_samples is None or self.n_samples >= 1, "evaluate.n_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    threat: ThreatConfig = field(default_factory=ThreatConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune_objective: ObjectiveConfig | None = None  # None: fine-tune with the same objective object
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, recursively, so the dict dumps as plain YAML/JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to the field's annotated type, or raise UserError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _convert(value, inner, key)
+    if dataclasses.is_dataclass(annotation):
+        _check(isinstance(value, dict), f"{key} must be a mapping of settings, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin is tuple:
+        (inner, _) = typing.get_args(annotation)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(items))
+    if annotation is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+        _check(ok, f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        return _to_float(value, key)
+    if annotation is str:
+        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _to_float(value: Any, key: str) -> float:
+    """A number, or a string like '8/255' or '0.3' read exactly with Fraction (never eval)."""
+    if isinstance(value, bool):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"{key} must be a number like 0.3 or 8/255, got {value!r}") from None
+    else:
+        raise UserError(f"{key} must be a number, got {value!r}")
+    _check(math.isfinite(number), f"{key} must be finite, got {value!r}")
+    return number
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (partial) dict; missing keys keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(names)})"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except UserError as err:
+        raise UserError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; giving one of prune.compression / prune.sparsity clears the other."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    for key, other in (("compression", "sparsity"), ("sparsity", "compression")):
+        if update.get(key) is not None and other not in update and other in merged:
+            merged[other] = None
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` → {"a": {"b": value}}; the value is read as a YAML scalar (so 8/255 stays a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p.isidentifier() for p in parts):
+        raise UserError(f"malformed --set {text!r}: expected key=value, e.g. --set threat.eps=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"malformed --set {text!r}: cannot read the value {raw!r}") from None
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read config {path}: {first}") from None
+    _check(isinstance(values, dict), f"config {path} must be a mapping of settings at the top level")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), base: dict[str, Any] | None = None) -> Config:
+    """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``--set`` overrides → validated Config."""
+    values: dict[str, Any] = dict(base or {})
+    if path is not None:
+        file_values = read_yaml(path)
+        file_values.setdefault("name", Path(path).stem)
+        values = _merge(values, file_values)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    _fill_merge_defaults(values)
+    return _build(Config, values)
+
+
+def _fill_merge_defaults(values: dict[str, Any]) -> None:
+    """A sparsity given alone must not collide with the default compression."""
+    prune = values.get("prune")
+    if isinstance(prune, dict) and prune.get("sparsity") is not None and "compression" not in prune:
+        prune["compression"] = None
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    return _build(Config, values)

@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Anything raised as :class:`UserError` is the user's to fix (a wrong name, a bad value, a missing file); the CLI
+prints its message on one line and exits with status 2. Every other exception is a bug and exits with status 1.
+"""
+
+
+class UserError(ValueError):
+    """Bad input from the user: shown as one line, exit status 2."""

@@ -1,0 +1,20 @@
+"""``benign``: plain cross-entropy on clean inputs (the non-robust baseline)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustprune.objectives.base import OBJECTIVES, Objective
+
+
+@OBJECTIVES.register("benign")
+class Benign(Objective):
+    name = "benign"
+
+    def __init__(self, **_ignored_attack_settings) -> None:
+        super().__init__(eps=0.0)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits

@@ -1,0 +1,41 @@
+"""``pgd``: Madry et al. (2018) adversarial training — cross-entropy on PGD points of the L∞ (or L2) ε-ball.
+
+The attack runs with the model in eval mode (so batch-norm statistics are not updated by attack passes) and only
+asks autograd for the input gradient; the update step then runs in training mode on the adversarial batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustprune.attacks.pgd import default_step_size, pgd
+from robustprune.objectives.base import OBJECTIVES, Objective
+
+
+@OBJECTIVES.register("pgd")
+class PGDTraining(Objective):
+    name = "pgd"
+
+    def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
+                 norm: str = "linf") -> None:
+        super().__init__(eps=eps)
+        self.steps = int(steps)
+        self.step_size = step_size
+        self.random_start = bool(random_start)
+        self.norm = norm
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.current_eps
+        if eps > 0:
+            was_training = model.training
+            model.eval()
+            step = self.step_size * self.eps_scale if self.step_size else default_step_size(eps, self.steps)
+            x = pgd(model, x, y, eps, self.steps, step, norm=self.norm, random_start=self.random_start)
+            model.train(was_training)
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def describe(self) -> dict:
+        return {"name": self.name, "eps": self.eps, "steps": self.steps, "norm": self.norm,
+                "step_size": self.step_size or default_step_size(self.eps, self.steps)}

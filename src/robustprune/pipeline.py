@@ -1,0 +1,137 @@
+"""The three steps — pre-train, prune, fine-tune — with evaluation after each, checkpoints and the report.
+
+Each step is also a function of its own (``pretrain``, ``prune_model``, ``finetune``) so the CLI's stage commands
+run exactly the code the pipeline runs.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from torch import nn
+
+from robustprune import __version__
+from robustprune.attacks import BALLS
+from robustprune.config import Config, ObjectiveConfig, ThreatConfig
+from robustprune.data import DATASETS, Dataset, load_dataset
+from robustprune.errors import UserError
+from robustprune.evaluate import evaluate
+from robustprune.export import save
+from robustprune.fileio import write_text
+from robustprune.models import MODELS, create_model
+from robustprune.objectives import OBJECTIVES, Objective, create
+from robustprune.pruning import PRUNERS, PruningPlan, prune, sparsity_report
+from robustprune.report import build_report, stage_table, write_report
+from robustprune.runtime import resolve_device, seed_everything
+from robustprune.train import fit
+
+Log = Callable[[str], None]
+
+
+def check_names(cfg: Config) -> None:
+    """Every registry name of the config exists (a "did you mean" error before anything runs)."""
+    DATASETS.get(cfg.data.name)
+    MODELS.get(cfg.model.name)
+    OBJECTIVES.get(cfg.objective.name)
+    if cfg.finetune_objective is not None:
+        OBJECTIVES.get(cfg.finetune_objective.name)
+    PRUNERS.get(cfg.prune.rule)
+    BALLS.get(cfg.threat.norm)
+    resolve_device(cfg.device)
+
+
+def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
+    params = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
+              "random_start": cfg.random_start, "norm": threat.norm}
+    return create(cfg.name, **params)
+
+
+def load_data(cfg: Config) -> Dataset:
+    return load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
+
+
+def new_model(cfg: Config, data: Dataset) -> nn.Module:
+    mean, std = data.channel_stats()
+    return create_model(cfg.model.name, data.input_shape, data.num_classes, mean, std)
+
+
+def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
+    return fit(model, objective, data.train, cfg.pretrain, batch_size=cfg.data.batch_size, stage="pretrain",
+               **fit_options)
+
+
+def prune_model(model: nn.Module, cfg: Config) -> PruningPlan:
+    return prune(model, cfg.prune.rule, cfg.prune.target_compression, cfg.prune.scope)
+
+
+def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
+    return fit(model, objective, data.train, cfg.finetune, batch_size=cfg.data.batch_size, stage="finetune",
+               **fit_options)
+
+
+def measure(model: nn.Module, cfg: Config, data: Dataset) -> dict:
+    """The report.json stage record: accuracies plus the sparsity counts."""
+    metrics = evaluate(model, data.test, cfg.threat, cfg.evaluate, batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
+    return {**metrics, **sparsity_report(model)}
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty folder unless ``force``; with ``force`` its old contents are replaced."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--out {out} exists and is not empty (use --force to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = False, log: Log = print) -> dict:
+    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md)."""
+    check_names(cfg)
+    data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
+    out = Path(out)
+    prepare_out_dir(out, force)
+    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = new_model(cfg, data).to(device)
+    objective = build_objective(cfg.objective, cfg.threat)
+    ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
+    options = {"generator": generator, "metrics_path": out / "metrics.jsonl", "quiet": quiet}
+    stages, timing, meta = {}, {}, {"config": cfg.to_dict()}
+    t_start = time.perf_counter()
+
+    def timed(key: str, step: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        result = step()
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
+        return result
+
+    def checkpoint(stage: str, **extra) -> None:
+        stages[stage] = timed("evaluate", lambda: measure(model, cfg, data))
+        save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
+        s = stages[stage]
+        pgd = "—" if s["pgd_acc"] is None else f"{s['pgd_acc']:.3f}"
+        log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}")
+
+    log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}")
+    timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))
+    checkpoint("pretrained")
+    plan = timed("prune", lambda: prune_model(model, cfg))
+    checkpoint("pruned", plan=plan.summary())
+    timed("finetune", lambda: finetune(model, cfg, data, ft_objective, **options))
+    checkpoint("finetuned", plan=plan.summary())
+    timing["total"] = time.perf_counter() - t_start
+
+    artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
+                 "report_md": str(out / "report.md"), "plots": []}
+    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts)
+    write_report(out, report)
+    log("")
+    log(stage_table(report))
+    return report

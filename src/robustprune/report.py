@@ -1,0 +1,85 @@
+"""report.json (DESIGN.md §5), report.md, and the console table — one table, rendered for both."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from robustprune.fileio import write_json, write_text
+
+STAGES = ("pretrained", "pruned", "finetuned")
+STAGE_FIELDS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "params_prunable",
+                "params_nonzero", "compression", "sparsity", "n_eval")
+RETAINED = {"benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
+
+
+def finite(value: Any) -> Any:
+    """JSON has no infinity: a non-finite number (e.g. compression of an all-zero model) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
+def retention(stages: dict[str, dict]) -> dict[str, float | None]:
+    """Fine-tuned / pre-trained value of each accuracy (null when either is missing or the dense one is 0)."""
+    before, after = stages.get("pretrained", {}), stages.get("finetuned", {})
+    out = {}
+    for key, field in RETAINED.items():
+        a, b = after.get(field), before.get(field)
+        out[key] = a / b if (a is not None and b) else None
+    return out
+
+
+def build_report(version: str, config: dict, stages: dict[str, dict], timing: dict[str, float],
+                 artifacts: dict[str, Any]) -> dict:
+    threat = config.get("threat", {})
+    return finite({
+        "robustprune_version": version,
+        "config": config,
+        "threat": {"norm": threat.get("norm"), "eps": threat.get("eps")},
+        "stages": {name: {f: stages[name].get(f) for f in STAGE_FIELDS} for name in STAGES if name in stages},
+        "retention": retention(stages),
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+        "artifacts": artifacts,
+    })
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def stage_table(report: dict) -> str:
+    """Markdown table of the stages: compression and every accuracy measured (— where not measured)."""
+    header = "| stage | compression | sparsity | benign | PGD | AutoAttack | verified | n |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in report["stages"].items():
+        comp = "—" if s.get("compression") is None else f"{s['compression']:.2f}×"
+        lines.append(f"| {name} | {comp} | {_pct(s.get('sparsity'))} | {_pct(s.get('benign_acc'))} | "
+                     f"{_pct(s.get('pgd_acc'))} | {_pct(s.get('autoattack_acc'))} | {_pct(s.get('verified_acc'))} | "
+                     f"{s.get('n_eval')} |")
+    r = report.get("retention") or {}
+    kept = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if v is not None)
+    if kept:
+        lines.append(f"\nRetention (fine-tuned / pre-trained): {kept}")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    cfg = report["config"]
+    threat = report["threat"]
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in report["timing_s"].items())
+    return (
+        f"# robustprune run: {cfg.get('name')}\n\n"
+        f"Data `{cfg['data']['name']}`, model `{cfg['model']['name']}`, objective `{cfg['objective']['name']}`, "
+        f"pruning `{cfg['prune']['rule']}` ({cfg['prune']['scope']}), threat {threat['norm']} ε = {threat['eps']:g}, "
+        f"PGD-{cfg['evaluate']['pgd_steps']} × {cfg['evaluate']['pgd_restarts']} restart(s) for evaluation.\n\n"
+        f"{stage_table(report)}\n\nTiming: {timing}.\n"
+    )
+
+
+def write_report(out_dir: str | Path, report: dict) -> None:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", render_markdown(report))

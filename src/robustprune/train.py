@@ -1,0 +1,99 @@
+"""``fit()``: the one training loop, for pre-training and fine-tuning alike.
+
+The loop knows nothing about pruning: masks live in the model as parametrizations, so pruned weights stay exactly 0
+whatever the optimiser does. It knows nothing about attacks either: the objective computes the loss.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustprune.config import TrainConfig
+from robustprune.data import Split
+from robustprune.fileio import append_jsonl
+from robustprune.objectives import Objective
+from robustprune.objectives.schedules import linear_ramp
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Per-step learning-rate schedule over the whole stage."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                   cycle_momentum=cfg.optimizer == "sgd")
+    if cfg.schedule == "cosine":
+        factor = lambda t: 0.5 * (1 + math.cos(math.pi * t / total_steps))  # noqa: E731
+    elif cfg.schedule == "step":
+        marks = [m * total_steps for m in cfg.milestones]
+        factor = lambda t: cfg.gamma ** sum(t >= m for m in marks)  # noqa: E731
+    else:
+        factor = lambda t: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    train: Split,
+    cfg: TrainConfig,
+    *,
+    batch_size: int,
+    stage: str = "train",
+    generator: torch.Generator | None = None,
+    metrics_path: str | Path | None = None,
+    quiet: bool = False,
+) -> list[dict]:
+    """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
+
+    The objective's ε is ramped linearly from 0 over ``cfg.eps_warmup_epochs`` (then left at full scale).
+    """
+    device = next(model.parameters()).device
+    x_all, y_all = train.x.to(device), train.y.to(device)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / batch_size)
+    if cfg.epochs == 0 or n == 0:
+        return []
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    history = []
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=stage, unit="batch", leave=False,
+               disable=quiet or not sys.stderr.isatty())
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for i in range(steps_per_epoch):
+            objective.set_eps_scale(linear_ramp(epoch + i / steps_per_epoch, cfg.eps_warmup_epochs))
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x, y = x_all[idx], y_all[idx]
+            loss, logits = objective.forward(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            bar.update(1)
+        record = {"stage": stage, "epoch": epoch + 1, "loss": float(loss_sum) / n, "train_acc": float(correct) / n,
+                  "lr": optimizer.param_groups[0]["lr"], "eps": objective.current_eps,
+                  "time_s": round(time.perf_counter() - start, 3)}
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+        history.append(record)
+        if metrics_path is not None:
+            append_jsonl(metrics_path, record)
+    bar.close()
+    return history
