@@ -41,7 +41,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn-small"  # a registered model (robustprune list models)
+    name: str = "mlp"  # a registered model (robustprune list models)
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,9 @@ class Config:
     threat: ThreatConfig = field(default_factory=ThreatConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     finetune_objective: ObjectiveConfig | None = None  # None: fine-tune with the same objective object
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, lr=3e-3))
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

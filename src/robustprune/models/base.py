@@ -24,3 +24,19 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def kaiming_init_(model: nn.Module) -> nn.Module:
+    """Kaiming-normal (fan-out, ReLU) conv weights, zero conv bias, BatchNorm (1, 0); Linear left at defaults.
+
+    The initialisation of the reference implementations (torchvision ResNet/VGG, Wide ResNet, Wong et al.).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model

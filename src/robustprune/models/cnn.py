@@ -17,28 +17,12 @@ from __future__ import annotations
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.models.base import MODELS
+from robustprune.models.base import MODELS, kaiming_init_
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial output size of a convolution (floor arithmetic, as ``nn.Conv2d``)."""
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def kaiming_init_(model: nn.Module) -> nn.Module:
-    """Kaiming-normal (fan-out, ReLU) conv weights, zero conv bias, BatchNorm (1, 0); Linear left at defaults.
-
-    The initialisation of the reference implementations (torchvision ResNet/VGG, Wide ResNet, Wong et al.).
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    return model
 
 
 def _conv_stack(input_shape: tuple[int, ...], specs: list[tuple[int, int, int, int]]) -> tuple[list[nn.Module], int]:

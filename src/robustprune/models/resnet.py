@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from robustprune.models.base import MODELS
-from robustprune.models.cnn import kaiming_init_
+from robustprune.models.base import kaiming_init_
 
 
 class ResidualBlock(nn.Module):

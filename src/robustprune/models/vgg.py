@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from robustprune.models.base import MODELS
-from robustprune.models.cnn import kaiming_init_
+from robustprune.models.base import kaiming_init_
 
 #: Configuration "D" of Simonyan & Zisserman: channel counts, "M" for a 2×2 max-pool.
 VGG16: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]

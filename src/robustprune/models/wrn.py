@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from robustprune.models.base import MODELS
-from robustprune.models.cnn import kaiming_init_
+from robustprune.models.base import kaiming_init_
 from robustprune.models.resnet import ResidualBlock
 
 
