@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"robustprune: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # unwritable folder, disk full, ...: the system's reason, on one line
+        where = f": {err.filename}" if err.filename else ""
+        print(f"robustprune: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("robustprune: interrupted", file=sys.stderr)
         return 130
