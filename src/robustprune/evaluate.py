@@ -46,8 +46,8 @@ def evaluate(
         robust_correct[start:stop] = robust.cpu()
     model.train(was_training)
     return {
-        "benign_acc": clean_correct.float().mean().item() if n else None,
-        "pgd_acc": robust_correct.float().mean().item() if (n and attack) else None,
+        "benign_acc": int(clean_correct.sum()) / n if n else None,
+        "pgd_acc": int(robust_correct.sum()) / n if (n and attack) else None,
         "autoattack_acc": None,
         "verified_acc": None,
         "verified_by": {},
