@@ -140,7 +140,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides, base=meta.get("config"))
     check_names(cfg)
     out = _check_out_file(args.out, args.force)
-    model, _ = load(args.checkpoint)
+    model = load(args.checkpoint)
     plan = prune_model(model, cfg)
     save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
     s = sparsity_report(model)
@@ -155,7 +155,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     cfg = _checkpoint_config(args, meta)
     out = _check_out_file(args.out, args.force)
     pipeline, data, generator, device = _stage_setup(cfg)
-    model, _ = load(args.checkpoint, device)
+    model = load(args.checkpoint, device)
     objective_cfg = cfg.finetune_objective or cfg.objective
     history = pipeline.finetune(model, cfg, data, pipeline.build_objective(objective_cfg, cfg.threat),
                                 generator=generator, quiet=args.quiet)
@@ -170,7 +170,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     meta = read_metadata(args.checkpoint)
     cfg = _checkpoint_config(args, meta)
     pipeline, data, _, device = _stage_setup(cfg)
-    model, _ = load(args.checkpoint, device)
+    model = load(args.checkpoint, device)
     metrics = finite(pipeline.measure(model, cfg, data))
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -59,8 +59,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: not a valid robustprune safetensors checkpoint ({err})") from None
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (masks included) → (model in eval mode, metadata)."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint, masks included, in eval mode (its metadata: :func:`read_metadata`)."""
     meta = read_metadata(path)
     try:
         model = model_from_spec(meta["arch"])
@@ -71,4 +71,4 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[n
     except (SafetensorError, KeyError, RuntimeError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: checkpoint does not match its architecture ({first})") from None
-    return model.to(device).eval(), meta
+    return model.to(device).eval()

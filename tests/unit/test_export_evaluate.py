@@ -17,7 +17,7 @@ def test_checkpoint_round_trip_keeps_logits_and_masks(tmp_path, name):
     model = create_model(name, (1, 8, 8), 10, mean=[0.3], std=[0.2]).eval()
     prune(model, "magnitude", 10.0, "global")
     path = save(model, tmp_path / "m.safetensors", stage="pruned", config={"a": 1})
-    loaded, meta = load(path)
+    loaded, meta = load(path), read_metadata(path)
     x = torch.rand(3, 1, 8, 8)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert set(masks(loaded)) == set(masks(model)) and meta["stage"] == "pruned" and meta["config"] == {"a": 1}
