@@ -35,8 +35,8 @@ class DataConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
-        _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class ThreatConfig:
     eps: float = 0.2  # in pixel units: inputs live in [0, 1]
 
     def __post_init__(self) -> None:
-        _check(self.norm in ("linf", "l2"), f"threat.norm must be 'linf' or 'l2', got {self.norm!r}")
-        _check(self.eps >= 0, f"threat.eps must be >= 0, got {self.eps}")
+        _check(self.norm in ("linf", "l2"), f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        _check(self.eps >= 0, f"eps must be >= 0, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class ObjectiveConfig:
     random_start: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.eps is None or self.eps >= 0, f"objective.eps must be >= 0, got {self.eps}")
-        _check(self.steps >= 1, f"objective.steps must be >= 1, got {self.steps}")
-        _check(self.step_size is None or self.step_size > 0, "objective.step_size must be > 0")
+        _check(self.eps is None or self.eps >= 0, f"eps must be >= 0, got {self.eps}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.step_size is None or self.step_size > 0, "step_size must be > 0")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class TrainConfig:
         schedules = ("cosine", "onecycle", "step", "constant")
         _check(self.schedule in schedules, f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}")
         _check(all(0 < m < 1 for m in self.milestones), "milestones must be fractions in (0, 1)")
+        _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
         _check(self.eps_warmup_epochs >= 0, "eps_warmup_epochs must be >= 0")
 
 
@@ -99,13 +100,13 @@ class PruneConfig:
     sparsity: float | None = None  # = 1 - 1/compression; give one of the two
 
     def __post_init__(self) -> None:
-        _check(self.scope in ("layer", "global"), f"prune.scope must be 'layer' or 'global', got {self.scope!r}")
-        _check((self.compression is None) != (self.sparsity is None), "give exactly one of prune.compression, prune.sparsity")
+        _check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+        _check((self.compression is None) != (self.sparsity is None), "compression or sparsity: give exactly one of the two")
         if self.compression is not None:
             _check(math.isfinite(self.compression) and self.compression >= 1,
-                   f"prune.compression must be a finite number >= 1, got {self.compression}")
+                   f"compression must be a finite number >= 1, got {self.compression}")
         if self.sparsity is not None:
-            _check(0 <= self.sparsity < 1, f"prune.sparsity must lie in [0, 1), got {self.sparsity}")
+            _check(0 <= self.sparsity < 1, f"sparsity must lie in [0, 1), got {self.sparsity}")
 
     @property
     def target_compression(self) -> float:
@@ -120,10 +121,10 @@ class EvalConfig:
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
 
     def __post_init__(self) -> None:
-        _check(self.pgd_steps >= 0, "evaluate.pgd_steps must be >= 0 (0 disables the attack)")
-        _check(self.pgd_restarts >= 1, "evaluate.pgd_restarts must be >= 1")
-        _check(self.pgd_step_size is None or self.pgd_step_size > 0, "evaluate.pgd_step_size must be > 0")
-        _check(self.n_samples is None or self.n_samples >= 1, "evaluate.n_samples must be >= 1")
+        _check(self.pgd_steps >= 0, "pgd_steps must be >= 0 (0 disables the attack)")
+        _check(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
+        _check(self.pgd_step_size is None or self.pgd_step_size > 0, "pgd_step_size must be > 0")
+        _check(self.n_samples is None or self.n_samples >= 1, "n_samples must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         kwargs[key] = _convert(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
-    except UserError as err:
-        raise UserError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
+    except UserError as err:  # validation messages start with the field's own name: qualify it with its section
+        raise UserError(f"{prefix}{err}") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
