@@ -128,7 +128,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
-    from robustprune.pipeline import check_names, prune_model
     from robustprune.pruning import sparsity_report
 
     meta = read_metadata(args.checkpoint)
@@ -138,10 +137,11 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     overrides += [f"prune.scope={args.scope}"] if args.scope else []
     overrides += [f"prune.rule={args.rule}"] if args.rule else []
     cfg = load_config(args.config, overrides, base=meta.get("config"))
-    check_names(cfg)
     out = _check_out_file(args.out, args.force)
-    model = load(args.checkpoint)
-    plan = prune_model(model, cfg)
+    pipeline, data, generator, device = _stage_setup(cfg)  # data: HYDRA scores and iterative rounds train
+    model = load(args.checkpoint, device)
+    objective = pipeline.build_objective(cfg.objective, cfg.threat)
+    plan = pipeline.prune_model(model, cfg, data, objective, generator=generator, quiet=args.quiet)
     save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
     s = sparsity_report(model)
     print(f"pruned model ({s['params_nonzero']}/{s['params_prunable']} weights kept, "

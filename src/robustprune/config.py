@@ -98,9 +98,21 @@ class PruneConfig:
     scope: str = "layer"  # layer: the same rate in every layer | global: one threshold over all layers
     compression: float | None = 10.0  # prunable weights / nonzero prunable weights
     sparsity: float | None = None  # = 1 - 1/compression; give one of the two
+    keep_first_dense: bool = False  # never prune the first Conv/Linear layer
+    keep_last_dense: bool = False  # never prune the last (classifier) layer
+    min_density: float = 0.0  # every pruned layer keeps at least this fraction of its weights (or channels)
+    schedule: str = "oneshot"  # oneshot | iterative (the seed: geometric steps, fine-tuning between rounds)
+    rounds: int = 3  # iterative: compression^(r/rounds) after round r
+    round_epochs: int = 1  # iterative: fine-tuning epochs (finetune settings) between rounds
+    score_training: TrainConfig = field(  # hydra: the score phase (weights frozen, same objective)
+        default_factory=lambda: TrainConfig(epochs=5, optimizer="sgd", lr=0.1, schedule="cosine"))
 
     def __post_init__(self) -> None:
         _check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+        _check(0 <= self.min_density <= 1, f"min_density must lie in [0, 1], got {self.min_density}")
+        _check(self.schedule in ("oneshot", "iterative"), f"schedule must be 'oneshot' or 'iterative', got {self.schedule!r}")
+        _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _check(self.round_epochs >= 0, f"round_epochs must be >= 0, got {self.round_epochs}")
         _check((self.compression is None) != (self.sparsity is None), "compression or sparsity: give exactly one of the two")
         if self.compression is not None:
             _check(math.isfinite(self.compression) and self.compression >= 1,
@@ -111,6 +123,12 @@ class PruneConfig:
     @property
     def target_compression(self) -> float:
         return self.compression if self.compression is not None else 1.0 / (1.0 - self.sparsity)  # type: ignore[operator]
+
+    def round_targets(self) -> list[float]:
+        """Compression after each round: the target alone (oneshot) or geometric steps to it (iterative)."""
+        if self.schedule == "oneshot":
+            return [self.target_compression]
+        return [self.target_compression ** (r / self.rounds) for r in range(1, self.rounds + 1)]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ run exactly the code the pipeline runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -20,10 +21,11 @@ from robustprune.data import DATASETS, Dataset, load_dataset
 from robustprune.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import save
-from robustprune.fileio import write_text
+from robustprune.fileio import write_json, write_text
 from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
-from robustprune.pruning import PRUNERS, PruningPlan, prune, sparsity_report
+from robustprune.pruning import PRUNERS, PruningPlan, attach_learned_scores, hydra, masks, prune, slim, sparsity_report
+from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, stage_table, write_report
 from robustprune.runtime import resolve_device, seed_everything
 from robustprune.train import fit
@@ -63,8 +65,30 @@ def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective,
                **fit_options)
 
 
-def prune_model(model: nn.Module, cfg: Config) -> PruningPlan:
-    return prune(model, cfg.prune.rule, cfg.prune.target_compression, cfg.prune.scope)
+def prune_model(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> PruningPlan:
+    """One-shot, or iterative: geometric steps to the target with ``round_epochs`` of fine-tuning between rounds."""
+    targets = cfg.prune.round_targets()
+    for round_index, target in enumerate(targets, start=1):
+        plan = prune_round(model, cfg, target, data, objective, **fit_options)
+        if round_index < len(targets) and cfg.prune.round_epochs > 0:
+            fit(model, objective, data.train, dataclasses.replace(cfg.finetune, epochs=cfg.prune.round_epochs),
+                batch_size=cfg.data.batch_size, stage=f"prune-round-{round_index}", **fit_options)
+    return plan
+
+
+def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, objective: Objective,
+                **fit_options) -> PruningPlan:
+    """Prune to ``target``; a learned rule (HYDRA) first trains its scores with the same objective."""
+    p = cfg.prune
+    options = {"keep_first_dense": p.keep_first_dense, "keep_last_dense": p.keep_last_dense,
+               "min_density": p.min_density}
+    if not PRUNERS.get(p.rule).learned:
+        return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
+    attach_learned_scores(model, target, p.scope, **options)
+    fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage="hydra-scores",
+        **fit_options)
+    hydra.finalize_scores(model)
+    return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model), options=options)
 
 
 def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
@@ -76,6 +100,13 @@ def measure(model: nn.Module, cfg: Config, data: Dataset) -> dict:
     """The report.json stage record: accuracies plus the sparsity counts."""
     metrics = evaluate(model, data.test, cfg.threat, cfg.evaluate, batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
     return {**metrics, **sparsity_report(model)}
+
+
+def structure(model: nn.Module) -> dict:
+    """Params and MACs (per example) of the masked-but-dense model and of its slim cut (structured rules)."""
+    dense_macs, dense_params = count_macs_params(model)
+    slim_macs, slim_params = count_macs_params(slim(model))
+    return {"dense": {"params": dense_params, "macs": dense_macs}, "slim": {"params": slim_params, "macs": slim_macs}}
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -122,15 +153,18 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}")
     timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))
     checkpoint("pretrained")
-    plan = timed("prune", lambda: prune_model(model, cfg))
+    plan = timed("prune", lambda: prune_model(model, cfg, data, objective, **options))
     checkpoint("pruned", plan=plan.summary())
     timed("finetune", lambda: finetune(model, cfg, data, ft_objective, **options))
     checkpoint("finetuned", plan=plan.summary())
     timing["total"] = time.perf_counter() - t_start
 
+    write_json(out / "plan.json", plan.to_json())
     artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
-                 "report_md": str(out / "report.md"), "plots": []}
+                 "plan": str(out / "plan.json"), "report_md": str(out / "report.md"), "plots": []}
     report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts)
+    if PRUNERS.get(cfg.prune.rule).structured:
+        report["structure"] = structure(model)
     write_report(out, report)
     log("")
     log(stage_table(report))

@@ -63,6 +63,10 @@ def stage_table(report: dict) -> str:
     kept = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if v is not None)
     if kept:
         lines.append(f"\nRetention (fine-tuned / pre-trained): {kept}")
+    if report.get("structure"):
+        d, s = report["structure"]["dense"], report["structure"]["slim"]
+        lines.append(f"Slim model: {s['params']:,} of {d['params']:,} parameters, {s['macs']:,} of {d['macs']:,} "
+                     f"MACs per example ({d['macs'] / max(s['macs'], 1):.2f}× fewer)")
     return "\n".join(lines)
 
 

@@ -39,3 +39,13 @@ def test_mnist_config_runs_on_real_mnist(tmp_path):
     assert dense["n_eval"] == 200 and dense["benign_acc"] > 0.85
     assert report["stages"]["finetuned"]["compression"] == pytest.approx(10.0, rel=0.01)
     assert report["config"]["model"]["name"] == "cnn-small" and report["threat"]["eps"] == 0.3
+
+
+def test_structured_run_reports_the_slim_model(tmp_path):
+    cfg = load_config(None, ["model.name=cnn-small", "prune.rule=filter-l1", "prune.compression=2",
+                             "pretrain.epochs=1", "finetune.epochs=1", "objective.steps=1", "evaluate.pgd_steps=2"])
+    report = run(cfg, tmp_path / "run", quiet=True, log=lambda _: None)
+    dense, slim = report["structure"]["dense"], report["structure"]["slim"]
+    assert slim["params"] < dense["params"] and slim["macs"] < dense["macs"]
+    assert report["stages"]["finetuned"]["compression"] == pytest.approx(2.0, rel=0.1)
+    assert (tmp_path / "run" / "plan.json").is_file() and report["artifacts"]["plan"].endswith("plan.json")

@@ -1,5 +1,10 @@
-"""Pruning: importance rules (what), selection by scope (how many where), masks in the model (how)."""
+"""Pruning: importance rules (what), selection by scope and floors (how many where), masks in the model (how),
+structured removal (``slim``). Schedules (one-shot / iterative) and HYDRA's score training are run by the pipeline,
+because they train — ``pruning`` never imports ``train``.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -7,32 +12,101 @@ from torch import nn
 from robustprune.errors import UserError
 from robustprune.pruning.importance import PRUNERS, Importance
 from robustprune.pruning.masks import (
-    layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers, set_mask, sparsity_report,
+    apply_masks, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers, set_mask,
+    sparsity_report,
 )
-from robustprune.pruning.plan import SELECTORS, PruningPlan
+from robustprune.pruning import hydra
+from robustprune.pruning.plan import SELECTORS, PruningPlan, floors, keep_budget, layer_counts
 
 
-def prune(model: nn.Module, rule: str = "magnitude", compression: float = 10.0, scope: str = "layer") -> PruningPlan:
+def dense_layers(model: nn.Module, keep_first_dense: bool, keep_last_dense: bool) -> set[str]:
+    """Names of the prunable layers asked to stay dense (the first and/or the last Conv/Linear)."""
+    names = [name for name, _ in prunable_layers(model)]
+    return {n for n, keep in ((names[0], keep_first_dense), (names[-1], keep_last_dense)) if keep} if names else set()
+
+
+def example_input(model: nn.Module) -> torch.Tensor:
+    """One random input of the model's shape (for tracing channel dependencies)."""
+    device = next(model.parameters()).device
+    return torch.rand(1, *model.arch["input_shape"], device=device)
+
+
+def prune(
+    model: nn.Module,
+    rule: str = "magnitude",
+    compression: float = 10.0,
+    scope: str = "layer",
+    *,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    min_density: float = 0.0,
+    seed: int = 0,
+) -> PruningPlan:
     """Prune ``model`` in place to ``compression`` = prunable / nonzero prunable weights; returns the plan.
 
-    Already-pruned weights score lowest, so pruning a pruned model only removes more.
+    Already-pruned weights score lowest, so pruning a pruned model only removes more. For ``hydra`` this applies the
+    initial (magnitude-ordered) selection; training its scores is the pipeline's score phase.
     """
-    if not compression >= 1:
-        raise UserError(f"compression must be >= 1, got {compression}")
+    if not (isinstance(compression, (int, float)) and math.isfinite(compression) and compression >= 1):
+        raise UserError(f"compression must be a finite number >= 1, got {compression}")
     if scope not in SELECTORS:
         raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(SELECTORS)})")
+    if not 0.0 <= min_density <= 1.0:
+        raise UserError(f"min_density must lie in [0, 1], got {min_density}")
     importance = PRUNERS.get(rule)()
     layers = dict(prunable_layers(model))
-    scores = {}
-    with torch.no_grad():
-        for name, module in layers.items():
-            s = importance.scores(module).float()
-            scores[name] = torch.where(module.weight != 0, s, torch.full_like(s, float("-inf")))
-    chosen = SELECTORS[scope](scores, compression)
-    for name, mask in chosen.items():
-        set_mask(layers[name], mask)
-    return PruningPlan(rule=rule, scope=scope, target_compression=float(compression), masks=chosen)
+    dense = dense_layers(model, keep_first_dense, keep_last_dense)
+    if importance.structured:
+        from robustprune.pruning.structured import channel_masks
+
+        chosen = channel_masks(model, example_input(model), compression, scope,
+                               ignored_layers=[layers[n] for n in dense], min_density=min_density)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        scores = {}
+        with torch.no_grad():
+            for name, module in layers.items():
+                s = importance.scores(module, generator).float()
+                scores[name] = torch.where(module.weight != 0, s, torch.full_like(s, -math.inf))
+        chosen = {f"{n}.weight": m for n, m in SELECTORS[scope](scores, compression, dense, min_density).items()}
+    apply_masks(model, chosen)
+    options = {"keep_first_dense": keep_first_dense, "keep_last_dense": keep_last_dense, "min_density": min_density}
+    return PruningPlan(rule=rule, scope=scope, target_compression=float(compression), masks=masks(model),
+                       options=options)
 
 
-__all__ = ["PRUNERS", "Importance", "PruningPlan", "layer_density", "load_plain_state_dict", "masks",
-           "plain_state_dict", "prunable_layers", "prune", "set_mask", "sparsity_report"]
+def attach_learned_scores(model: nn.Module, compression: float, scope: str = "layer", *,
+                          keep_first_dense: bool = False, keep_last_dense: bool = False,
+                          min_density: float = 0.0) -> list[nn.Parameter]:
+    """Start HYDRA's score phase under the same budget rules as :func:`prune` (dense layers, floors, target).
+
+    Returns the score parameters; train them with the objective, then call ``hydra.finalize_scores(model)``.
+    """
+    layers = dict(prunable_layers(model))
+    dense = dense_layers(model, keep_first_dense, keep_last_dense)
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    scored = [n for n in layers if n not in dense]
+    if scope == "layer":
+        counts = layer_counts(sizes, compression, dense, min_density)
+        params = hydra.attach_scores(model, compression, "layer", layers=scored)
+        for path, score_mask in hydra.score_masks(model).items():
+            score_mask.k = min(counts[path.rpartition(".")[0]], int(score_mask.allowed.sum()))
+            score_mask.clear_cache()
+        return params
+    if min_density > 0:
+        raise UserError("rule hydra with scope global takes no min_density (use scope layer)")
+    budget = keep_budget(sizes, compression, floors(sizes, dense, 0.0))
+    kept_in_scored = budget - sum(sizes[n] for n in dense)
+    return hydra.attach_scores(model, sum(sizes[n] for n in scored) / kept_in_scored, "global", layers=scored)
+
+
+def slim(model: nn.Module) -> nn.Module:
+    """A new, smaller ordinary model with structurally pruned channels cut out (same outputs as ``model``)."""
+    from robustprune.pruning.structured import slim as cut
+
+    return cut(model, example_input(model))
+
+
+__all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "hydra", "dense_layers", "example_input", "layer_density",
+           "load_plain_state_dict", "masks", "plain_state_dict", "prunable_layers", "prune", "set_mask", "slim",
+           "sparsity_report"]

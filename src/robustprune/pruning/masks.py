@@ -1,9 +1,11 @@
-"""Masks live in the model: a parametrization ``weight = original * mask`` on each pruned Conv/Linear weight.
+"""Masks live in the model: a parametrization ``param = original * mask`` on each pruned parameter.
 
 So ``module.weight`` is always the effective (masked) weight: training, attacks, bounds and export see an ordinary
-module, and a pruned weight is exactly 0 whatever the optimiser does to the stored original. On disk a masked layer
-is stored in plain form — ``<layer>.weight`` (the effective weight, zeros included) and ``<layer>.weight_mask`` —
-independent of torch's parametrization internals.
+module, and a pruned weight is exactly 0 whatever the optimiser does to the stored original. Unstructured rules mask
+Conv/Linear weights; structured rules also mask the biases and batch-norm affine parameters of removed channels.
+Masks are keyed by parameter path (``"features.0.weight"``). On disk a masked parameter is stored in plain form —
+``<layer>.<param>`` (the effective value, zeros included) and ``<layer>.<param>_mask`` — independent of torch's
+parametrization internals.
 """
 from __future__ import annotations
 
@@ -14,17 +16,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+MASK_SUFFIX = "_mask"
 
 
-class WeightMask(nn.Module):
-    """Parametrization multiplying the weight by a fixed 0/1 mask (a buffer, saved with the model)."""
+class ParamMask(nn.Module):
+    """Parametrization multiplying a parameter by a fixed 0/1 mask (a buffer, saved with the model)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.detach().to(torch.float32).clone())
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.to(weight.dtype)
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value * self.mask.to(value.dtype)
 
 
 def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -34,33 +37,56 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def get_mask(module: nn.Module) -> torch.Tensor | None:
-    if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations.weight:
-            if isinstance(p, WeightMask):
+def split_path(path: str) -> tuple[str, str]:
+    """``"features.0.weight"`` → (``"features.0"``, ``"weight"``)."""
+    module_name, _, param = path.rpartition(".")
+    return module_name, param
+
+
+def get_mask(module: nn.Module, param: str = "weight") -> torch.Tensor | None:
+    if parametrize.is_parametrized(module, param):
+        for p in getattr(module.parametrizations, param):
+            if isinstance(p, ParamMask):
                 return p.mask
     return None
 
 
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Attach (or replace) the mask of a layer and zero the stored weights it removes."""
-    existing = get_mask(module)
+def set_mask(module: nn.Module, mask: torch.Tensor, param: str = "weight") -> None:
+    """Attach (or replace) the mask of ``module.<param>`` and zero the stored values it removes."""
+    existing = get_mask(module, param)
     if existing is not None:
         existing.copy_(mask.to(existing.dtype))
     else:
-        parametrize.register_parametrization(module, "weight", WeightMask(mask.to(module.weight.device)))
+        device = getattr(module, param).device
+        parametrize.register_parametrization(module, param, ParamMask(mask.to(device)))
     with torch.no_grad():
-        original = module.parametrizations.weight.original
+        original = getattr(module.parametrizations, param).original
         original.mul_(mask.to(original.dtype).to(original.device))
 
 
+def apply_masks(model: nn.Module, masks_by_path: dict[str, torch.Tensor]) -> None:
+    """Attach every mask of ``{"layer.param": mask}`` to the model."""
+    modules = dict(model.named_modules())
+    for path, mask in masks_by_path.items():
+        module_name, param = split_path(path)
+        if module_name not in modules or not isinstance(getattr(modules[module_name], param, None), torch.Tensor):
+            raise KeyError(f"mask for unknown parameter {path!r}")
+        if tuple(getattr(modules[module_name], param).shape) != tuple(mask.shape):
+            raise ValueError(f"mask for {path!r} has shape {tuple(mask.shape)}, the parameter "
+                             f"{tuple(getattr(modules[module_name], param).shape)}")
+        set_mask(modules[module_name], mask, param)
+
+
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks by layer name (only the masked layers)."""
+    """Every mask of the model by parameter path (``"features.0.weight"``)."""
     found = {}
-    for name, module in prunable_layers(model):
-        mask = get_mask(module)
-        if mask is not None:
-            found[name] = mask
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param in module.parametrizations.keys():
+            mask = get_mask(module, param)
+            if mask is not None:
+                found[f"{name}.{param}" if name else param] = mask
     return found
 
 
@@ -84,28 +110,26 @@ def layer_density(model: nn.Module) -> dict[str, float]:
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with masked layers in plain form: ``<layer>.weight`` (effective) and ``<layer>.weight_mask``."""
-    state = {}
-    masked = masks(model)
-    for key, value in model.state_dict().items():
-        if ".parametrizations.weight." not in key:
-            state[key] = value.detach()
-    for name, module in prunable_layers(model):
-        if name in masked:
-            state[f"{name}.weight"] = module.weight.detach().clone()
-            state[f"{name}.weight_mask"] = masked[name].detach().clone()
+    """State dict with masked parameters in plain form: ``<path>`` (effective value) and ``<path>_mask``."""
+    state = {k: v.detach() for k, v in model.state_dict().items() if ".parametrizations." not in k
+             and not k.startswith("parametrizations.")}
+    modules = dict(model.named_modules())
+    for path, mask in masks(model).items():
+        module_name, param = split_path(path)
+        state[path] = getattr(modules[module_name], param).detach().clone()
+        state[path + MASK_SUFFIX] = mask.detach().clone()
     return state
 
 
 def load_plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`plain_state_dict`: attach the stored masks, then load every tensor strictly."""
-    layers = dict(prunable_layers(model))
     state = dict(state)
-    for key in [k for k in state if k.endswith(".weight_mask")]:
-        name = key[: -len(".weight_mask")]
-        if name not in layers:
-            raise KeyError(f"mask for unknown layer {name!r}")
-        set_mask(layers[name], state.pop(key))
-        state[f"{name}.parametrizations.weight.original"] = state.pop(f"{name}.weight")
-        state[f"{name}.parametrizations.weight.0.mask"] = get_mask(layers[name]).clone()
+    mask_paths = [k[: -len(MASK_SUFFIX)] for k in state if k.endswith(MASK_SUFFIX) and k[: -len(MASK_SUFFIX)] in state]
+    apply_masks(model, {path: state.pop(path + MASK_SUFFIX) for path in mask_paths})
+    attached = masks(model)
+    for path in mask_paths:
+        module_name, param = split_path(path)
+        prefix = f"{module_name}." if module_name else ""
+        state[f"{prefix}parametrizations.{param}.original"] = state.pop(path)
+        state[f"{prefix}parametrizations.{param}.0.mask"] = attached[path].clone()
     model.load_state_dict(state, strict=True)

@@ -1,0 +1,484 @@
+"""Structured pruning: remove whole output channels (filters) by their L1 norm, then cut them out physically.
+
+H. Li, A. Kadav, I. Durdanovic, H. Samet, H. P. Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017 — the
+"filter-l1" rule of the seed paper: a channel's importance is the L1 norm of the weights that produce it.
+
+Three steps, kept apart as in Torch-Pruning (what | how many where | how to cut):
+
+- :func:`channel_groups` — Torch-Pruning's ``DependencyGraph`` couples every output channel of a Conv2d / Linear with
+  everything that must go with it: the other producers of the same tensor (residual additions), BatchNorm entries,
+  and the next layers' input columns (through Flatten: H·W consecutive Linear inputs per channel).
+- :func:`channel_masks` — picks the lowest-importance channels per group (scope ``"layer"``) or over all groups
+  (scope ``"global"``) so that the masked model reaches a requested compression, and returns 0/1 masks for every
+  parameter slice a removal touches (producer rows and biases, BatchNorm γ/β, consumer columns). Applied with
+  :func:`robustprune.pruning.masks.apply_masks`, a removed channel is exactly 0 after its BatchNorm (γ = β = 0), so
+  the masked model already computes what the slim model computes, and trains/attacks/verifies as an ordinary module.
+- :func:`slim` — bakes the masks in and physically removes every channel that is zero in its whole group, with
+  Torch-Pruning's pruning functions: a smaller ordinary model with the same outputs.
+
+Assumption (true for every model in :mod:`robustprune.models`): the activations between layers map 0 to 0 (ReLU,
+pooling, identity), so a channel that is 0 after its BatchNorm contributes nothing downstream.
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from robustprune.errors import UserError
+from robustprune.pruning.masks import PRUNABLE_TYPES, masks
+
+SCOPES = ("layer", "global")
+
+#: Torch-Pruning's stand-ins for traced tensor ops (ReLU, add, pooling, flatten, ...): they carry channels along
+#: but own no parameters, so they add nothing to a group's slices.
+_STRUCTURAL_OPS = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._UnbindOp,
+                   tp.ops._ExpandOp, tp.ops._SliceOp, tp.ops._OutputOp)
+
+#: Roles of a slice: producer weight rows, producer bias entries, BatchNorm γ/β entries, consumer input columns.
+WEIGHT, BIAS, NORM, INPUT = "weight", "bias", "norm", "input"
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """The entries ``param.index_select(dim, index)`` of parameter ``path``; ``index[k]`` belongs to channel
+    ``root[k]`` of its group (a Flatten maps one channel to H·W consecutive Linear inputs)."""
+
+    path: str
+    dim: int
+    index: torch.Tensor
+    root: torch.Tensor
+    role: str
+
+
+@dataclass
+class ChannelGroup:
+    """Output channels that can only be removed together with all of ``slices``.
+
+    ``name`` is the root layer's path; ``frozen`` means the channels may not be removed (they reach the model output,
+    e.g. the classifier, or a producer is in ``ignored_layers``); ``weights_per_channel`` counts the dense Conv/Linear
+    weights (producer rows + consumer columns) that one channel owns: the granularity of structured compression.
+    """
+
+    name: str
+    channels: int
+    slices: list[ChannelSlice]
+    frozen: bool
+    weights_per_channel: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------------------------------------------
+
+def channel_groups(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    ignored_layers: Iterable[nn.Module | str] = (),
+) -> list[ChannelGroup]:
+    """Every coupled group of output channels of ``model``'s Conv2d / Linear layers (see :class:`ChannelGroup`).
+
+    ``example_input`` (a batch) is traced once; by default a zero batch of ``model.arch["input_shape"]``.
+    The model is not changed (the graph is traced on a copy with the masks baked in).
+    """
+    baked = _baked_copy(model)
+    graph = _dependency_graph(baked, _example(model, example_input))
+    ignored = _resolve_ignored(model, baked, ignored_layers)
+    names = {module: name for name, module in baked.named_modules()}
+    return [_describe(group, graph, names, ignored) for group in _all_groups(graph)]
+
+
+def _all_groups(graph: tp.DependencyGraph) -> Iterable[tp.dependency.Group]:
+    """Groups rooted at each Conv2d / Linear output (each group once, with all its channel indices)."""
+    return graph.get_all_groups(root_module_types=PRUNABLE_TYPES)
+
+
+def _describe(group: tp.dependency.Group, graph: tp.DependencyGraph, names: dict[nn.Module, str],
+              ignored: set[nn.Module]) -> ChannelGroup:
+    """Turn a Torch-Pruning group (items of dependency + indices) into parameter slices keyed by path."""
+    root_module = group[0].dep.target.module
+    channels = int(graph.get_out_channels(root_module))
+    slices: list[ChannelSlice] = []
+    frozen = False
+    for item in group:
+        dep = item.dep
+        module = dep.target.module
+        consumer = _is_input_side(graph, dep)
+        # A producer-side node with no successor writes the model output: its channels are the logits.
+        if not consumer and (not dep.target.outputs or module in ignored):
+            frozen = True
+        if isinstance(module, _STRUCTURAL_OPS):
+            continue
+        if module not in names or any(r is None for r in item.root_idxs):  # e.g. a bare nn.Parameter in a forward
+            raise NotImplementedError(f"structured pruning cannot map the channels of {dep.target.name}")
+        index = torch.as_tensor(list(item.idxs), dtype=torch.long)
+        root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        slices += _param_slices(module, names[module], consumer, index, root)
+    return ChannelGroup(names[root_module], channels, slices, frozen, _weights_per_channel(slices, names, channels))
+
+
+def _is_input_side(graph: tp.DependencyGraph, dep: tp.dependency.Dependency) -> bool:
+    """True when the dependency removes *input* columns of a Conv/Linear (BatchNorm has one function for both)."""
+    module = dep.target.module
+    return isinstance(module, PRUNABLE_TYPES) and dep.handler == graph.get_pruner_of_module(module).prune_in_channels
+
+
+def _param_slices(module: nn.Module, name: str, consumer: bool, index: torch.Tensor,
+                  root: torch.Tensor) -> list[ChannelSlice]:
+    """The parameter entries of one group item; unsupported layer types are refused, never skipped."""
+    prefix = f"{name}." if name else ""
+    if isinstance(module, PRUNABLE_TYPES):
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise NotImplementedError(f"structured pruning of grouped convolution {name!r} is not supported")
+        if consumer:
+            return [ChannelSlice(prefix + "weight", 1, index, root, INPUT)]
+        out = [ChannelSlice(prefix + "weight", 0, index, root, WEIGHT)]
+        if module.bias is not None:
+            out.append(ChannelSlice(prefix + "bias", 0, index, root, BIAS))
+        return out
+    if isinstance(module, _BatchNorm):
+        if not module.affine:
+            # Without γ/β a zero channel leaves BatchNorm as −mean/σ ≠ 0: it could not be removed exactly.
+            raise NotImplementedError(f"structured pruning needs affine BatchNorm; {name!r} has no γ/β")
+        return [ChannelSlice(prefix + param, 0, index, root, NORM) for param in ("weight", "bias")]
+    raise NotImplementedError(f"structured pruning does not support {type(module).__name__} ({name!r})")
+
+
+def _weights_per_channel(slices: list[ChannelSlice], names: dict[nn.Module, str], channels: int) -> int:
+    """Dense Conv/Linear weights one channel owns (the same for every channel of a group)."""
+    modules = {name: module for module, name in names.items()}
+    total = 0
+    for s in slices:
+        if s.role in (WEIGHT, INPUT):
+            weight = modules[s.path.rpartition(".")[0]].weight
+            total += len(s.index) * (weight.numel() // weight.shape[s.dim])
+    return total // channels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------------------
+
+def channel_masks(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    compression: float | None = None,
+    scope: str = "layer",
+    ignored_layers: Iterable[nn.Module | str] = (),
+    min_density: float = 0.0,
+    channel_fraction: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Filter-L1 structured masks reaching ``compression`` (prunable / nonzero Conv+Linear weights) of ``model``.
+
+    A channel's importance is the L1 norm of its output weights (rows of every Conv/Linear producing it, summed over
+    the producers a residual addition couples; biases, BatchNorm and the consumers' columns do not count) — Li et al.
+    2017. Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` is not used because it also adds the consumers' input
+    columns. Already-zero weights count as zero, so pruning a pruned model only removes more.
+
+    Scope ``"layer"`` removes the same fraction of channels from every group (rounded down per group); ``"global"``
+    ranks all channels by importance divided by their group's mean importance (so layers of different widths and
+    fan-ins compare) and removes the lowest. The amount is chosen by bisection so that the masked model's nonzero
+    weights (consumer columns included) come as close to ``total / compression`` as channel granularity allows:
+    within half a step, i.e. half of ``weights_per_channel`` summed over the groups (layer) or of one group
+    (global). ``channel_fraction`` instead removes that fraction of the channels (per group, or of all channels).
+
+    Never removed: channels that reach the model output (the classifier's), output channels of ``ignored_layers``
+    (modules or their paths) and of every layer coupled with them; each group keeps at least
+    ``max(1, ceil(min_density · channels))`` channels. A request beyond reach raises :class:`UserError` naming the
+    largest reachable compression. Returns masks by parameter path for every touched parameter (multiplied by the
+    parameter's existing mask), ready for :func:`~robustprune.pruning.masks.apply_masks`; the model is unchanged.
+    """
+    _check_request(compression, channel_fraction, scope, min_density)
+    ignored_layers = tuple(ignored_layers)
+    baked = _baked_copy(model)
+    graph = _dependency_graph(baked, _example(model, example_input))
+    names = {module: name for name, module in baked.named_modules()}
+    ignored = _resolve_ignored(model, baked, ignored_layers)
+    groups = [g for g in (_describe(group, graph, names, ignored) for group in _all_groups(graph)) if not g.frozen]
+    params = dict(baked.named_parameters())
+    importance = [_channel_mass(g, params, (WEIGHT,)) for g in groups]
+    cap = [g.channels - max(1, math.ceil(min_density * g.channels - 1e-9)) for g in groups]
+    orders = [torch.argsort(imp, stable=True)[:c] for imp, c in zip(importance, cap)]
+    schedule = _LayerSchedule(groups, orders) if scope == "layer" else _GlobalSchedule(groups, importance, orders)
+    if channel_fraction is not None:
+        step = schedule.step_for_fraction(channel_fraction)
+    else:
+        limits = f"min_density {min_density:g}, {len(ignored_layers)} ignored layer(s)"
+        step = _closest_step(_NonzeroCounter(baked, groups), schedule, compression, limits)
+    return _masks_for(groups, schedule.select(step), params, masks(model))
+
+
+def _check_request(compression: float | None, channel_fraction: float | None, scope: str, min_density: float) -> None:
+    if (compression is None) == (channel_fraction is None):
+        raise UserError("give exactly one of compression and channel_fraction")
+    if compression is not None and not compression >= 1:
+        raise UserError(f"compression must be >= 1, got {compression}")
+    if channel_fraction is not None and not 0 <= channel_fraction < 1:
+        raise UserError(f"channel_fraction must be in [0, 1), got {channel_fraction}")
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(SCOPES)})")
+    if not 0 <= min_density <= 1:
+        raise UserError(f"min_density must be in [0, 1], got {min_density}")
+
+
+def _channel_mass(group: ChannelGroup, params: dict[str, torch.Tensor], roles: Sequence[str]) -> torch.Tensor:
+    """Per channel of ``group``: the summed |entries| of its slices with a role in ``roles``."""
+    mass = torch.zeros(group.channels, dtype=torch.float64)
+    with torch.no_grad():
+        for s in group.slices:
+            if s.role in roles:
+                param = params[s.path].detach()
+                values = param.index_select(s.dim, s.index.to(param.device)).movedim(s.dim, 0)
+                mass.index_add_(0, s.root, values.abs().reshape(len(s.index), -1).sum(1).double().cpu())
+    return mass
+
+
+Selection = list[torch.Tensor]  # per group, a bool tensor: True = channel removed
+
+
+class _Schedule:
+    """Nested selections indexed by step 0..steps−1 (step 0 removes nothing; each step removes a superset)."""
+
+    steps: int
+
+    def select(self, step: int) -> Selection:
+        raise NotImplementedError
+
+    def step_for_fraction(self, fraction: float) -> int:
+        raise NotImplementedError
+
+
+class _LayerSchedule(_Schedule):
+    """Step i removes fraction f_i of every group (rounded down, capped by min_density); f_i runs over every k/n."""
+
+    def __init__(self, groups: list[ChannelGroup], orders: list[torch.Tensor]) -> None:
+        self.sizes = [g.channels for g in groups]
+        self.orders = orders
+        self.fractions = sorted({k / g.channels for g, order in zip(groups, orders) for k in range(len(order) + 1)})
+        self.steps = len(self.fractions)
+
+    def select(self, step: int) -> Selection:
+        # floor(k/n · n) must give k back: the epsilon absorbs float rounding of the division.
+        return [_removed(n, order[: math.floor(self.fractions[step] * n + 1e-9)])
+                for n, order in zip(self.sizes, self.orders)]
+
+    def step_for_fraction(self, fraction: float) -> int:
+        return bisect.bisect_right(self.fractions, fraction + 1e-9) - 1
+
+
+class _GlobalSchedule(_Schedule):
+    """Step k removes the k channels of lowest importance / group-mean importance (among those min_density allows)."""
+
+    def __init__(self, groups: list[ChannelGroup], importance: list[torch.Tensor], orders: list[torch.Tensor]) -> None:
+        self.sizes = [g.channels for g in groups]
+        empty = torch.zeros(0, dtype=torch.long)
+        self.owner = torch.cat([torch.full((len(o),), i, dtype=torch.long) for i, o in enumerate(orders)] + [empty])
+        self.channel = torch.cat(list(orders) + [empty])
+        scores = [imp[o] / imp.mean() if imp.mean() > 0 else torch.zeros(len(o), dtype=torch.float64)
+                  for imp, o in zip(importance, orders)]
+        self.ranked = torch.argsort(torch.cat(scores + [torch.zeros(0, dtype=torch.float64)]), stable=True)
+        self.steps = len(self.ranked) + 1
+
+    def select(self, step: int) -> Selection:
+        chosen = self.ranked[:step]
+        owner, channel = self.owner[chosen], self.channel[chosen]
+        return [_removed(n, channel[owner == i]) for i, n in enumerate(self.sizes)]
+
+    def step_for_fraction(self, fraction: float) -> int:
+        return min(self.steps - 1, round(fraction * sum(self.sizes)))
+
+
+def _removed(channels: int, indices: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(channels, dtype=torch.bool)
+    out[indices] = True
+    return out
+
+
+class _NonzeroCounter:
+    """Nonzero Conv/Linear weights of the model after a selection, without building masks.
+
+    Each weight is reduced to a (out, in) matrix of nonzero counts, so a selection costs rowkeep · NZ · colkeep.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+        self.groups = groups
+        self.counts: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, PRUNABLE_TYPES):
+                    nz = (module.weight != 0).double().cpu()
+                    self.counts[f"{name}.weight" if name else "weight"] = nz.reshape(*nz.shape[:2], -1).sum(2)
+        self.total = sum(module.weight.numel() for module in model.modules() if isinstance(module, PRUNABLE_TYPES))
+
+    def nonzero(self, removed: Selection) -> int:
+        keep = _keep_vectors(self.groups, removed, {p: c.shape for p, c in self.counts.items()}, roles=(WEIGHT, INPUT))
+        total = 0.0
+        for path, nz in self.counts.items():
+            rows = keep.get((path, 0), torch.ones(nz.shape[0], dtype=torch.float64))
+            cols = keep.get((path, 1), torch.ones(nz.shape[1], dtype=torch.float64))
+            total += float(rows @ nz @ cols)
+        return round(total)
+
+
+def _keep_vectors(groups: list[ChannelGroup], removed: Selection, shapes: dict[str, Sequence[int]],
+                  roles: Sequence[str] = (WEIGHT, BIAS, NORM, INPUT)) -> dict[tuple[str, int], torch.Tensor]:
+    """(path, dim) → 0/1 vector along ``dim``: 0 where a removed channel's entry lies."""
+    keep: dict[tuple[str, int], torch.Tensor] = {}
+    for group, gone in zip(groups, removed):
+        if not gone.any():
+            continue
+        for s in group.slices:
+            if s.role in roles:
+                vector = keep.setdefault((s.path, s.dim), torch.ones(shapes[s.path][s.dim], dtype=torch.float64))
+                vector[s.index[gone[s.root]]] = 0.0
+    return keep
+
+
+def _closest_step(counter: _NonzeroCounter, schedule: _Schedule, compression: float, limits: str) -> int:
+    """Bisection for the step whose nonzero count is closest to ``total / compression`` (counts fall with step)."""
+    target = counter.total / compression
+
+    def nonzero(step: int) -> int:
+        return counter.nonzero(schedule.select(step))
+
+    last = schedule.steps - 1
+    fewest = nonzero(last)
+    if fewest > target * (1 + 1e-9):
+        reachable = counter.total / fewest if fewest else float("inf")
+        raise UserError(f"compression {compression:g} is out of reach by removing whole channels: the largest "
+                        f"reachable is {reachable:.4g} (classifier outputs kept, every group keeps >= 1 channel, "
+                        f"{limits})")
+    lo, hi = 0, last  # invariant: nonzero(hi) <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if nonzero(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    if hi > 0 and abs(nonzero(hi - 1) - target) < abs(nonzero(hi) - target):
+        return hi - 1
+    return hi
+
+
+def _masks_for(groups: list[ChannelGroup], removed: Selection, params: dict[str, torch.Tensor],
+               existing: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0/1 masks for every parameter a removed channel touches, times the parameter's existing mask."""
+    shapes = {path: tuple(p.shape) for path, p in params.items()}
+    by_path: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (path, dim), vector in _keep_vectors(groups, removed, shapes).items():
+        by_path.setdefault(path, []).append((dim, vector))
+    out = {}
+    for path, vectors in by_path.items():
+        mask = torch.ones(shapes[path], dtype=torch.float32)
+        for dim, vector in vectors:
+            view = [1] * len(shapes[path])
+            view[dim] = -1
+            mask = mask * vector.float().view(view)
+        if path in existing:
+            mask = mask * existing[path].detach().float().cpu()
+        out[path] = mask
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Physical removal and cost
+# ---------------------------------------------------------------------------------------------------------------
+
+def slim(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
+    """A smaller copy of ``model``: masks baked in, every channel that is zero in its whole group removed.
+
+    A channel is removed when its producers' weight rows and biases and its BatchNorm γ/β are all exactly 0 (then it
+    is 0 after BatchNorm, whatever the running statistics): the outputs equal the masked model's up to float
+    rounding. Channels reaching the model output are kept, and so is one channel of an all-zero group (a layer
+    cannot have zero outputs). Unstructured zeros stay as zeros. The result is an ordinary module (no
+    parametrizations) in ``model``'s train/eval mode, with ``arch = dict(model.arch, slim=True)``.
+    """
+    slim_model = _baked_copy(model)
+    graph = _dependency_graph(slim_model, _example(model, example_input))
+    for group in _all_groups(graph):  # a generator: each group is described after the previous cuts
+        names = {module: name for name, module in slim_model.named_modules()}
+        described = _describe(group, graph, names, set())
+        if described.frozen:
+            continue
+        zero = _channel_mass(described, dict(slim_model.named_parameters()), (WEIGHT, BIAS, NORM)) == 0
+        if zero.all():
+            zero[0] = False
+        if zero.any():
+            group.prune(idxs=zero.nonzero().flatten().tolist())
+    slim_model.train(model.training)
+    if hasattr(model, "arch"):
+        slim_model.arch = dict(model.arch, slim=True)
+    return slim_model
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[int, int]:
+    """(MACs per example, parameters) by ``tp.utils.count_ops_and_params`` on a copy with masks baked in.
+
+    Masked weights still count (they are still computed); only :func:`slim` makes a model cheaper. Torch-Pruning
+    counts Conv/Linear multiply-accumulates (plus their bias adds) and one op per element of BatchNorm (two if
+    affine), ReLU and pooling; parameters are all of ``model.parameters()`` (biases and BatchNorm included).
+    """
+    baked = _baked_copy(model)
+    example = _example(model, example_input)
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(baked, example)
+    return int(round(float(macs))), int(params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized parameters (masks) are replaced by their effective values."""
+    baked = copy.deepcopy(model)
+    for module in baked.modules():
+        if parametrize.is_parametrized(module):
+            # deepcopy keeps the original's injected "Parametrized<Layer>" class, and remove_parametrizations
+            # deletes the property from that class — which would break the original model. Give the copy its own.
+            cls = type(module)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, own)
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return baked
+
+
+def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``model`` (a copy: tracing switches it to eval mode) into Torch-Pruning's dependency graph."""
+    with torch.enable_grad():  # the graph is recorded through autograd
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    """The traced batch: the given one, else zeros shaped like ``model.arch["input_shape"]``."""
+    if example_input is not None:
+        return example_input
+    shape = getattr(model, "arch", {}).get("input_shape")
+    if shape is None:
+        raise ValueError("an example input is needed: the model has no arch['input_shape']")
+    device = next(model.parameters()).device
+    return torch.zeros(1, *shape, device=device)
+
+
+def _resolve_ignored(model: nn.Module, baked: nn.Module, ignored_layers: Iterable[nn.Module | str]) -> set[nn.Module]:
+    """The baked copy's modules for ``ignored_layers`` given as modules of ``model`` or as paths."""
+    names = {module: name for name, module in model.named_modules()}
+    baked_modules = dict(baked.named_modules())
+    out = set()
+    for layer in ignored_layers:
+        name = layer if isinstance(layer, str) else names.get(layer)
+        if name is None:
+            raise ValueError(f"ignored layer {layer!r} is not a module of the model")
+        if name not in baked_modules:
+            raise UserError(f"unknown layer {name!r} in ignored layers")
+        out.add(baked_modules[name])
+    return out
