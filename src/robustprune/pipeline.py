@@ -45,6 +45,16 @@ def check_names(cfg: Config) -> None:
     resolve_device(cfg.device)
 
 
+def check_prunable(cfg: Config, data: Dataset) -> None:
+    """Dry-run the pruning budget on a fresh model, so an unreachable request fails before anything is written."""
+    p = cfg.prune
+    rule = "magnitude" if PRUNERS.get(p.rule).learned else p.rule  # learned rules share magnitude's budget rules
+    if PRUNERS.get(p.rule).learned and p.scope == "global" and p.min_density > 0:
+        raise UserError("rule hydra with scope global takes no min_density (use scope layer)")
+    prune(new_model(cfg, data), rule, p.target_compression, p.scope, keep_first_dense=p.keep_first_dense,
+          keep_last_dense=p.keep_last_dense, min_density=p.min_density, seed=cfg.seed)
+
+
 def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
     params = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
               "random_start": cfg.random_start, "norm": threat.norm}
@@ -124,6 +134,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md)."""
     check_names(cfg)
     data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
+    check_prunable(cfg, data)
     out = Path(out)
     prepare_out_dir(out, force)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

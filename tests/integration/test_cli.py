@@ -36,6 +36,13 @@ def _fails_cleanly(capsys, argv, message):
         (["-c", "does-not-exist.yaml"], "config file not found"),
         (["--set", "data.name=mnist", "--set", "data.root=/nonexistent"], "train-images-idx3-ubyte"),
         (["--bogus"], "unrecognized arguments"),
+        (["--set", "prune.keep_first_dense=true"], "is unreachable"),
+        (["--set", "prune.min_density=0.5"], "is unreachable"),
+        (["--set", "prune.min_density=1.5"], "min_density must lie in [0, 1]"),
+        (["--set", "prune.schedule=gradual"], "schedule must be 'oneshot' or 'iterative'"),
+        (["--set", "prune.rule=hydra", "--set", "prune.scope=global", "--set", "prune.min_density=0.01"],
+         "takes no min_density"),
+        (["--set", "prune.rule=filter-l1", "--set", "prune.compression=100000"], "largest reachable"),
     ],
 )
 def test_run_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
