@@ -111,7 +111,7 @@ def layer_counts(sizes: dict[str, int], compression: float, dense: set[str] = fr
         return {n: s if n in dense else min(s, max(low[n], round(rate * s))) for n, s in sizes.items()}
 
     rest = sum(s for n, s in sizes.items() if n not in dense)
-    rate = (budget - sum(sizes[n] for n in dense)) / rest if rest else 1.0
+    rate = 1.0 / compression if not dense else (budget - sum(sizes[n] for n in dense)) / rest if rest else 1.0
     if abs(sum(counts(rate).values()) - budget) <= len(sizes):
         return counts(rate)
     lo, hi = 0.0, 1.0
