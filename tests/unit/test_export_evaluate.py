@@ -7,7 +7,7 @@ from robustprune.config import EvalConfig, ThreatConfig
 from robustprune.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
-from robustprune.models import MODELS, create_model
+from robustprune.models import create_model
 from robustprune.pruning import masks, prune
 
 
