@@ -124,6 +124,11 @@ class PruneConfig:
     def target_compression(self) -> float:
         return self.compression if self.compression is not None else 1.0 / (1.0 - self.sparsity)  # type: ignore[operator]
 
+    def budget_options(self) -> dict[str, bool | float]:
+        """The keyword options of ``pruning.prune`` / ``attach_learned_scores`` that shape the per-layer budget."""
+        return {"keep_first_dense": self.keep_first_dense, "keep_last_dense": self.keep_last_dense,
+                "min_density": self.min_density}
+
     def round_targets(self) -> list[float]:
         """Compression after each round: the target alone (oneshot) or geometric steps to it (iterative)."""
         if self.schedule == "oneshot":

@@ -48,11 +48,10 @@ def check_names(cfg: Config) -> None:
 def check_prunable(cfg: Config, data: Dataset) -> None:
     """Dry-run the pruning budget on a fresh model, so an unreachable request fails before anything is written."""
     p = cfg.prune
-    rule = "magnitude" if PRUNERS.get(p.rule).learned else p.rule  # learned rules share magnitude's budget rules
-    if PRUNERS.get(p.rule).learned and p.scope == "global" and p.min_density > 0:
-        raise UserError("rule hydra with scope global takes no min_density (use scope layer)")
-    prune(new_model(cfg, data), rule, p.target_compression, p.scope, keep_first_dense=p.keep_first_dense,
-          keep_last_dense=p.keep_last_dense, min_density=p.min_density, seed=cfg.seed)
+    if PRUNERS.get(p.rule).learned:
+        attach_learned_scores(new_model(cfg, data), p.target_compression, p.scope, **p.budget_options())
+    else:
+        prune(new_model(cfg, data), p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
 
 
 def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
@@ -90,8 +89,7 @@ def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, obj
                 **fit_options) -> PruningPlan:
     """Prune to ``target``; a learned rule (HYDRA) first trains its scores with the same objective."""
     p = cfg.prune
-    options = {"keep_first_dense": p.keep_first_dense, "keep_last_dense": p.keep_last_dense,
-               "min_density": p.min_density}
+    options = p.budget_options()
     if not PRUNERS.get(p.rule).learned:
         return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
     attach_learned_scores(model, target, p.scope, **options)

@@ -25,12 +25,6 @@ def dense_layers(model: nn.Module, keep_first_dense: bool, keep_last_dense: bool
     return {n for n, keep in ((names[0], keep_first_dense), (names[-1], keep_last_dense)) if keep} if names else set()
 
 
-def example_input(model: nn.Module) -> torch.Tensor:
-    """One random input of the model's shape (for tracing channel dependencies)."""
-    device = next(model.parameters()).device
-    return torch.rand(1, *model.arch["input_shape"], device=device)
-
-
 def prune(
     model: nn.Module,
     rule: str = "magnitude",
@@ -59,7 +53,7 @@ def prune(
     if importance.structured:
         from robustprune.pruning.structured import channel_masks
 
-        chosen = channel_masks(model, example_input(model), compression, scope,
+        chosen = channel_masks(model, None, compression, scope,
                                ignored_layers=[layers[n] for n in dense], min_density=min_density)
     else:
         generator = torch.Generator().manual_seed(seed)
@@ -104,9 +98,9 @@ def slim(model: nn.Module) -> nn.Module:
     """A new, smaller ordinary model with structurally pruned channels cut out (same outputs as ``model``)."""
     from robustprune.pruning.structured import slim as cut
 
-    return cut(model, example_input(model))
+    return cut(model)  # traced on a zero batch of model.arch['input_shape']
 
 
-__all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "hydra", "dense_layers", "example_input", "layer_density",
+__all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "hydra", "dense_layers", "layer_density",
            "load_plain_state_dict", "masks", "plain_state_dict", "prunable_layers", "prune", "set_mask", "slim",
            "sparsity_report"]
