@@ -16,7 +16,7 @@ from robustprune import __version__
 from robustprune.config import Config, load_config
 from robustprune.errors import UserError
 
-LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks")
+LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,13 +180,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     from robustprune.attacks import ATTACKS
+    from robustprune.bounds import VERIFIERS
     from robustprune.data import DATASETS
     from robustprune.models import MODELS
     from robustprune.objectives import OBJECTIVES
     from robustprune.pruning import PRUNERS
 
     registry = {"models": MODELS, "datasets": DATASETS, "objectives": OBJECTIVES, "pruners": PRUNERS,
-                "attacks": ATTACKS}[args.kind]
+                "attacks": ATTACKS, "verifiers": VERIFIERS}[args.kind]
     print("\n".join(registry.names()))
 
 

@@ -61,9 +61,15 @@ class ObjectiveConfig:
     steps: int = 10  # attack steps per training batch (pgd)
     step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
     random_start: bool = True
+    kappa_start: float = 1.0  # ibp / crown-ibp: weight of the clean loss at the start of the ε ramp ...
+    kappa_end: float = 0.5  # ... and at its end (Gowal et al. 2018)
+    beta_start: float = 1.0  # crown-ibp: weight of the CROWN-IBP bound against IBP at the start of the ramp ...
+    beta_end: float = 0.0  # ... and at its end (Zhang et al. 2020)
 
     def __post_init__(self) -> None:
         _check(self.eps is None or self.eps >= 0, f"eps must be >= 0, got {self.eps}")
+        for key in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
+            _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.step_size is None or self.step_size > 0, "step_size must be > 0")
 
@@ -79,6 +85,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the epochs where lr *= gamma
     gamma: float = 0.1
     eps_warmup_epochs: float = 0.0  # ramp the objective's ε linearly from 0 over these epochs
+    clean_epochs: float = 0.0  # epochs at ε = 0 before the ramp starts (certified training's warm-up)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
@@ -90,6 +97,7 @@ class TrainConfig:
         _check(all(0 < m < 1 for m in self.milestones), "milestones must be fractions in (0, 1)")
         _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
         _check(self.eps_warmup_epochs >= 0, "eps_warmup_epochs must be >= 0")
+        _check(self.clean_epochs >= 0, "clean_epochs must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -142,12 +150,16 @@ class EvalConfig:
     pgd_restarts: int = 1  # a sample counts as robust only if it survives every restart
     pgd_step_size: float | None = None  # default 2.5 * eps / steps
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
+    verifiers: tuple[str, ...] = ("ibp", "crown")  # sound verifiers (robustprune list verifiers); () for none
+    verify_n_samples: int | None = None  # verify only the first n evaluated samples (full CROWN on big models)
 
     def __post_init__(self) -> None:
         _check(self.pgd_steps >= 0, "pgd_steps must be >= 0 (0 disables the attack)")
         _check(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         _check(self.pgd_step_size is None or self.pgd_step_size > 0, "pgd_step_size must be > 0")
         _check(self.n_samples is None or self.n_samples >= 1, "n_samples must be >= 1")
+        _check(self.verify_n_samples is None or self.verify_n_samples >= 1, "verify_n_samples must be >= 1")
+        _check(len(set(self.verifiers)) == len(self.verifiers), "verifiers must not repeat a name")
 
 
 @dataclass(frozen=True)
@@ -245,11 +257,26 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(names)})"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
+        kwargs[key] = _convert(_over_field_default(cls, key, value), hints[key], prefix + key)
     try:
         return cls(**kwargs)
     except UserError as err:  # validation messages start with the field's own name: qualify it with its section
         raise UserError(f"{prefix}{err}") from None
+
+
+def _over_field_default(cls: type, key: str, value: Any) -> Any:
+    """A partial dict for a nested section keeps the section's defaults *as this class sets them*.
+
+    ``Config.pretrain`` defaults to 60 epochs at lr 3e-3 while a bare ``TrainConfig`` has 10 at 1e-3: setting only
+    ``pretrain.clean_epochs`` must keep the former.
+    """
+    field_ = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if not isinstance(value, dict) or field_.default_factory is dataclasses.MISSING:
+        return value
+    default = field_.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _merge(dataclasses.asdict(default), value)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from robustprune import __version__
 from robustprune.attacks import BALLS
+from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig
 from robustprune.data import DATASETS, Dataset, load_dataset
 from robustprune.errors import UserError
@@ -42,6 +43,8 @@ def check_names(cfg: Config) -> None:
         OBJECTIVES.get(cfg.finetune_objective.name)
     PRUNERS.get(cfg.prune.rule)
     BALLS.get(cfg.threat.norm)
+    for method in cfg.evaluate.verifiers:
+        VERIFIERS.get(method)
     resolve_device(cfg.device)
 
 
@@ -54,10 +57,19 @@ def check_prunable(cfg: Config, data: Dataset) -> None:
         prune(new_model(cfg, data), p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
 
 
+def check_boundable(cfg: Config, data: Dataset) -> None:
+    """A model the verifiers or a certified objective must bound has a bound class for every layer (else exit 2)."""
+    certified = {o.name for o in (cfg.objective, cfg.finetune_objective) if o is not None} & {"ibp", "crown-ibp"}
+    if certified or (cfg.evaluate.verifiers and cfg.threat.norm == "linf"):
+        build_graph(new_model(cfg, data))
+
+
 def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
-    params = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
-              "random_start": cfg.random_start, "norm": threat.norm}
-    return create(cfg.name, **params)
+    """The objective named by ``cfg`` (``create`` hands it the settings it takes; the rest are for other objectives)."""
+    settings = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
+                "random_start": cfg.random_start, "norm": threat.norm, "kappa_start": cfg.kappa_start,
+                "kappa_end": cfg.kappa_end, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
+    return create(cfg.name, **settings)
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -133,6 +145,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     check_names(cfg)
     data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
     check_prunable(cfg, data)
+    check_boundable(cfg, data)
+    build_objective(cfg.objective, cfg.threat)
     out = Path(out)
     prepare_out_dir(out, force)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -156,8 +170,9 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
         stages[stage] = timed("evaluate", lambda: measure(model, cfg, data))
         save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
         s = stages[stage]
-        pgd = "—" if s["pgd_acc"] is None else f"{s['pgd_acc']:.3f}"
-        log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}")
+        pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("pgd_acc", "verified_acc"))
+        log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}  "
+            f"verified {verified}")
 
     log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}")
     timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))

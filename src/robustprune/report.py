@@ -9,7 +9,7 @@ from robustprune.fileio import write_json, write_text
 
 STAGES = ("pretrained", "pruned", "finetuned")
 STAGE_FIELDS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "params_prunable",
-                "params_nonzero", "compression", "sparsity", "n_eval")
+                "params_nonzero", "compression", "sparsity", "n_eval", "n_verified_eval")
 RETAINED = {"benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
 
 
@@ -59,6 +59,12 @@ def stage_table(report: dict) -> str:
         lines.append(f"| {name} | {comp} | {_pct(s.get('sparsity'))} | {_pct(s.get('benign_acc'))} | "
                      f"{_pct(s.get('pgd_acc'))} | {_pct(s.get('autoattack_acc'))} | {_pct(s.get('verified_acc'))} | "
                      f"{s.get('n_eval')} |")
+    by_method = [f"{name}: " + ", ".join(f"{k} {_pct(v)}" for k, v in s["verified_by"].items())
+                 for name, s in report["stages"].items() if s.get("verified_by")]
+    if by_method:
+        counts = {s.get("n_verified_eval") for s in report["stages"].values()} - {None}
+        lines.append(f"\nVerified by method (first {', '.join(map(str, sorted(counts)))} samples): "
+                     + "; ".join(by_method))
     r = report.get("retention") or {}
     kept = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if v is not None)
     if kept:

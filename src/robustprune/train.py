@@ -57,7 +57,8 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
-    The objective's ε is ramped linearly from 0 over ``cfg.eps_warmup_epochs`` (then left at full scale).
+    The objective's ε is 0 for ``cfg.clean_epochs``, then ramped linearly over ``cfg.eps_warmup_epochs`` (then left
+    at full scale); objectives derive their other schedules (κ, β) from the same ramp factor.
     """
     device = next(model.parameters()).device
     x_all, y_all = train.x.to(device), train.y.to(device)
@@ -77,7 +78,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for i in range(steps_per_epoch):
-            objective.set_eps_scale(linear_ramp(epoch + i / steps_per_epoch, cfg.eps_warmup_epochs))
+            objective.set_eps_scale(linear_ramp(epoch + i / steps_per_epoch, cfg.eps_warmup_epochs,
+                                                   cfg.clean_epochs))
             idx = order[i * batch_size:(i + 1) * batch_size]
             x, y = x_all[idx], y_all[idx]
             loss, logits = objective.forward(model, x, y)

@@ -82,11 +82,13 @@ def test_run_writes_the_whole_run_folder(tmp_path, capsys):
     assert set(report["stages"]) == {"pretrained", "pruned", "finetuned"}
     fine = report["stages"]["finetuned"]
     assert fine["compression"] == pytest.approx(10.0, rel=0.01) and fine["n_eval"] == 50
-    assert 0 <= fine["pgd_acc"] <= fine["benign_acc"] <= 1 and fine["verified_acc"] is None
+    assert 0 <= fine["verified_acc"] <= fine["pgd_acc"] <= fine["benign_acc"] <= 1
+    assert set(fine["verified_by"]) == {"ibp", "crown"} and fine["n_verified_eval"] == 50
+    assert all(s["verified_acc"] is not None for s in report["stages"].values())
     assert report["stages"]["pretrained"]["compression"] == 1.0
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in lines] == [("pretrain", 1), ("finetune", 1)]
-    assert "| pruned |" in (out / "report.md").read_text()
+    assert "| pruned |" in (out / "report.md").read_text() and "Verified by method" in (out / "report.md").read_text()
     # --force replaces the old run
     assert main(["run", "--out", str(out), "--force", *FAST]) == 0
 

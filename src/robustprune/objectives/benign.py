@@ -12,7 +12,7 @@ from robustprune.objectives.base import OBJECTIVES, Objective
 class Benign(Objective):
     name = "benign"
 
-    def __init__(self, **_ignored_attack_settings) -> None:
+    def __init__(self) -> None:
         super().__init__(eps=0.0)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

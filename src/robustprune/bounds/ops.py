@@ -1,0 +1,325 @@
+"""Bound classes of the linear layers, one per layer type, registered in ``BOUND_OPS``.
+
+Contract of every bound class (auto_LiRPA's, kept small). Intervals are pairs ``(lower, upper)`` of tensors of the
+layer's shape ``(B, *shape)``; linear coefficients ``A`` have shape ``(B, S, *out_shape)`` — S linear functions of the
+layer's output per sample, whose *lower* bounds are wanted (an upper bound is the negated lower bound of −A).
+
+- ``interval(*inputs) -> (lower, upper)``: a sound elementwise enclosure of the output over the input intervals (IBP).
+- ``backward(A, *input_intervals) -> ([A_in per input], bias)``: coefficients on the inputs and a ``(B, S)`` constant
+  with ``A · out ≥ Σ A_in · in + bias`` for every input inside its interval (CROWN's backward step). Linear layers
+  make this an equality; only ReLU (``relu.py``) relaxes.
+- ``mixing``: whether the op mixes coordinates (Linear, Conv, pooling). A chain from the input with at most one mixing
+  op and no ReLU is affine *per coordinate of a box*, so its interval is already exact and CROWN is skipped there.
+
+Weights are read from the module at call time (``module.weight`` is the masked weight of a pruned layer) and cast to
+the dtype of the bounds, so verification can run in float64 on a float32 model without copying it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustprune.errors import UserError
+from robustprune.models.base import Normalize
+from robustprune.registry import Registry
+
+Interval = tuple[torch.Tensor, torch.Tensor]
+
+
+class BoundOp:
+    """Bounds of one layer; subclasses name the module types they cover in ``module_types``."""
+
+    module_types: tuple[type, ...] = ()
+    mixing = False
+    nonlinear = False
+
+    def __init__(self, module: nn.Module | None = None) -> None:
+        self.module = module
+        self.name = ""  # the layer's name in the model, for error messages (set by the graph builder)
+
+    def interval(self, *inputs: Interval) -> Interval:
+        raise NotImplementedError
+
+    def backward(self, A: torch.Tensor, *inputs: Interval) -> tuple[list[torch.Tensor], torch.Tensor | float]:
+        raise NotImplementedError
+
+    def unit_backward(self, positions: torch.Tensor, x: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+        """``backward`` of unit specifications: output coordinate ``positions[b, s]`` (flat index) per row.
+
+        The first backward step of every intermediate bound; mixing ops gather weight rows instead of pushing a
+        mostly-zero tensor through their transpose. Returns (A_in (B, S, *in_shape), bias (B, S)).
+        """
+        raise NotImplementedError
+
+
+BOUND_OPS: Registry[type[BoundOp]] = Registry("bound op")
+
+
+def center_radius(bounds: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    lower, upper = bounds
+    return (upper + lower) / 2, (upper - lower) / 2
+
+
+def _param(module: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor | None:
+    value = getattr(module, name)
+    return None if value is None else value.to(like.dtype)
+
+
+def _sum_rest(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension after the first two: (B, S, ...) → (B, S)."""
+    return t.flatten(2).sum(-1)
+
+
+def dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ A[b, s, ...] · v[b, ...] → (B, S), as one batched matrix product (no (B, S, ...) temporary)."""
+    return (A.flatten(2) @ v.reshape(v.shape[0], -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
+
+
+@BOUND_OPS.register("Linear")
+class LinearBound(BoundOp):
+    """``y = x Wᵀ + b``, x (B, in) → y (B, out); ``W`` is the masked weight of a pruned layer."""
+
+    module_types = (nn.Linear,)
+    mixing = True
+
+    def interval(self, x: Interval) -> Interval:
+        center, radius = center_radius(x)
+        weight = _param(self.module, "weight", center)
+        mid = F.linear(center, weight, _param(self.module, "bias", center))
+        rad = F.linear(radius, weight.abs())
+        return mid - rad, mid + rad
+
+    def backward(self, A: torch.Tensor, x: Interval | None = None):
+        weight = _param(self.module, "weight", A)
+        bias = _param(self.module, "bias", A)
+        return [A @ weight], (0.0 if bias is None else A @ bias)
+
+    def unit_backward(self, positions: torch.Tensor, x: Interval):
+        weight = _param(self.module, "weight", x[0])
+        bias = _param(self.module, "bias", x[0])
+        return weight[positions], (torch.zeros_like(positions, dtype=x[0].dtype) if bias is None else bias[positions])
+
+
+@BOUND_OPS.register("Conv2d")
+class Conv2dBound(BoundOp):
+    """2-D convolution with zero padding, x (B, C, H, W) → y (B, C', H', W'); backward is the transposed conv."""
+
+    module_types = (nn.Conv2d,)
+    mixing = True
+
+    def __init__(self, module: nn.Conv2d) -> None:
+        super().__init__(module)
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError("only zero padding given as numbers")
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = self.module
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def interval(self, x: Interval) -> Interval:
+        center, radius = center_radius(x)
+        weight = _param(self.module, "weight", center)
+        mid = self._conv(center, weight, _param(self.module, "bias", center))
+        rad = self._conv(radius, weight.abs(), None)
+        return mid - rad, mid + rad
+
+    def backward(self, A: torch.Tensor, x: Interval):
+        """The transposed convolution. Where the columns (C_in·kh·kw) are no wider than the output channels — a first
+        layer on 1-channel images — a matrix product plus ``fold`` (col2im) is 2× faster on CPU than
+        ``conv_transpose2d``; elsewhere ``conv_transpose2d`` is (measured in docs/benchmarks.md)."""
+        m = self.module
+        batch, specs, channels, height, width = A.shape
+        in_h, in_w = x[0].shape[-2:]
+        weight = _param(m, "weight", A)
+        flat = A.reshape(batch * specs, channels, height * width)
+        if m.groups == 1 and weight[0].numel() <= channels:
+            columns = weight.flatten(1).t() @ flat  # (N, C_in·kh·kw, H'·W')
+            A_in = F.fold(columns, (in_h, in_w), m.kernel_size, m.dilation, m.padding, m.stride)
+        else:
+            out_pad = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+                       for size, out, s, p, d, k in zip((in_h, in_w), (height, width), m.stride, m.padding,
+                                                        m.dilation, m.kernel_size)]
+            A_in = F.conv_transpose2d(flat.view(-1, channels, height, width), weight, None, m.stride, m.padding,
+                                      out_pad, m.groups, m.dilation)
+        bias = _param(m, "bias", A)
+        const = 0.0 if bias is None else (A.sum((-2, -1)) @ bias)
+        return [A_in.view(batch, specs, *A_in.shape[1:])], const
+
+    def unit_backward(self, positions: torch.Tensor, x: Interval):
+        """The weight of output channel c, placed where output pixel (i, j) reads the (zero-padded) input."""
+        m = self.module
+        weight = _param(m, "weight", x[0])
+        if m.groups != 1:
+            raise NotImplementedError
+        in_c, in_h, in_w = x[0].shape[1:]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+        out_h = (in_h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (in_w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        channel, pixel = positions // (out_h * out_w), positions % (out_h * out_w)
+        row, col = (pixel // out_w) * sh, (pixel % out_w) * sw  # top-left corner in the padded input
+        pad_h, pad_w = in_h + 2 * ph, in_w + 2 * pw
+        dev = positions.device
+        offsets = (torch.arange(in_c, device=dev).view(-1, 1, 1) * pad_h * pad_w
+                   + torch.arange(kh, device=dev).view(1, -1, 1) * dh * pad_w
+                   + torch.arange(kw, device=dev).view(1, 1, -1) * dw).flatten()
+        index = (row * pad_w + col).unsqueeze(-1) + offsets  # (B, S, in_c·kh·kw)
+        A_in = x[0].new_zeros(*positions.shape, in_c * pad_h * pad_w)
+        A_in.scatter_(2, index, weight.flatten(1)[channel])
+        A_in = A_in.view(*positions.shape, in_c, pad_h, pad_w)[..., ph:ph + in_h, pw:pw + in_w]
+        bias = _param(m, "bias", x[0])
+        return A_in, (torch.zeros_like(positions, dtype=x[0].dtype) if bias is None else bias[channel])
+
+
+class ElementwiseAffine(BoundOp):
+    """``y = a ⊙ x + b`` with per-channel ``a`` (any sign) and ``b``, broadcast over (B, C, ...)."""
+
+    def coefficients(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def interval(self, x: Interval) -> Interval:
+        center, radius = center_radius(x)
+        a, b = self.coefficients(center)
+        a, b = _channel_view(a, center), _channel_view(b, center)
+        mid, rad = center * a + b, radius * a.abs()
+        return mid - rad, mid + rad
+
+    def backward(self, A: torch.Tensor, x: Interval | None = None):
+        a, b = self.coefficients(A)
+        view = _channel_view(a, A[:, 0])
+        a, b = a.view(view.shape).unsqueeze(1), b.view(view.shape).unsqueeze(1)
+        return [A * a], _sum_rest(A * b)
+
+
+def _channel_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast against (B, C, *spatial)."""
+    return v.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+@BOUND_OPS.register("Normalize")
+class NormalizeBound(ElementwiseAffine):
+    """robustprune's input normalisation ``(x − mean) / std`` (exact: an elementwise affine map)."""
+
+    module_types = (Normalize,)
+
+    def coefficients(self, like):
+        mean, std = self.module.mean.to(like.dtype).flatten(), self.module.std.to(like.dtype).flatten()
+        return 1 / std, -mean / std
+
+
+@BOUND_OPS.register("BatchNorm2d")
+class BatchNormBound(ElementwiseAffine):
+    """Batch norm with its running statistics (eval mode): ``γ (x − μ) / √(σ² + ϵ) + β``, per channel.
+
+    The network is bounded as it predicts at test time; a model in training mode is bounded with the same running
+    statistics (certified-training objectives use this as an approximation while the statistics settle).
+    """
+
+    module_types = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError("batch norm without running statistics (track_running_stats=False) has no fixed "
+                             "test-time function to bound")
+
+    def coefficients(self, like):
+        m = self.module
+        mean, var = m.running_mean.to(like.dtype), m.running_var.to(like.dtype)
+        scale = torch.rsqrt(var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight.to(like.dtype)
+        shift = -mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias.to(like.dtype)
+        return scale, shift
+
+
+@BOUND_OPS.register("Identity")
+class IdentityBound(BoundOp):
+    """Identity and Dropout (the identity at test time)."""
+
+    module_types = (nn.Identity, nn.Dropout)
+
+    def interval(self, x: Interval) -> Interval:
+        return x
+
+    def backward(self, A, x=None):
+        return [A], 0.0
+
+
+@BOUND_OPS.register("Flatten")
+class FlattenBound(BoundOp):
+    """``nn.Flatten`` of every dimension after the batch one."""
+
+    module_types = (nn.Flatten,)
+
+    def __init__(self, module: nn.Flatten) -> None:
+        super().__init__(module)
+        if module.start_dim != 1 or module.end_dim != -1:
+            raise ValueError("only Flatten(start_dim=1, end_dim=-1)")
+
+    def interval(self, x: Interval) -> Interval:
+        return x[0].flatten(1), x[1].flatten(1)
+
+    def backward(self, A, x: Interval):
+        return [A.reshape(*A.shape[:2], *x[0].shape[1:])], 0.0
+
+
+@BOUND_OPS.register("AvgPool2d")
+class AvgPoolBound(BoundOp):
+    """Average pooling (``AvgPool2d`` with zero-padding counted, or ``AdaptiveAvgPool2d`` on divisible sizes)."""
+
+    module_types = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+    mixing = True
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        if isinstance(module, nn.AvgPool2d) and (module.ceil_mode or not module.count_include_pad
+                                                 or module.divisor_override):
+            raise ValueError("only AvgPool2d with ceil_mode=False, count_include_pad=True and no divisor_override")
+
+    def _geometry(self, size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        m = self.module
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            out = [s if o is None else o for o, s in zip(pair(m.output_size), size)]
+            if any(s % o for s, o in zip(size, out)):
+                raise UserError(f"cannot bound layer {self.name!r} (AdaptiveAvgPool2d): from {tuple(size)} to "
+                                f"{tuple(out)} it is not a uniform pooling")
+            kernel = tuple(s // o for s, o in zip(size, out))
+            return kernel, kernel, (0, 0)
+        return pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size), pair(m.padding)
+
+    def interval(self, x: Interval) -> Interval:
+        kernel, stride, padding = self._geometry(x[0].shape[-2:])
+        return tuple(F.avg_pool2d(t, kernel, stride, padding) for t in x)
+
+    def backward(self, A: torch.Tensor, x: Interval):
+        batch, specs, channels, height, width = A.shape
+        in_h, in_w = x[0].shape[-2:]
+        kernel, stride, padding = self._geometry((in_h, in_w))
+        weight = A.new_full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
+        out_pad = [size - ((out - 1) * s - 2 * p + k)
+                   for size, out, s, p, k in zip((in_h, in_w), (height, width), stride, padding, kernel)]
+        A_in = F.conv_transpose2d(A.reshape(batch * specs, channels, height, width), weight, None, stride, padding,
+                                  out_pad, groups=channels)
+        return [A_in.view(batch, specs, *A_in.shape[1:])], 0.0
+
+
+@BOUND_OPS.register("Add")
+class AddBound(BoundOp):
+    """The sum of two branches of a residual block (not a module: the graph builder inserts it).
+
+    Counted as mixing: the interval of a sum of two separately bounded paths is not exact even when both are affine.
+    """
+
+    mixing = True
+
+    def interval(self, x: Interval, y: Interval) -> Interval:
+        return x[0] + y[0], x[1] + y[1]
+
+    def backward(self, A, x=None, y=None):
+        return [A, A], 0.0

@@ -1,0 +1,42 @@
+"""The one nonlinear bound class: ReLU and its triangle relaxation (CROWN, Zhang et al. 2018).
+
+For a pre-activation ``x ∈ [l, u]``:
+- stable active (l ≥ 0): ``relu(x) = x``; stable inactive (u ≤ 0): ``relu(x) = 0`` — both exact;
+- unstable (l < 0 < u): ``α x ≤ relu(x) ≤ u (x − l) / (u − l)``, with the adaptive lower slope α = 1 if u > −l else
+  0 (the choice of CROWN and CROWN-IBP, which minimises the area of the relaxation).
+For a lower bound of ``A · relu(x)``, positive coefficients take the lower line and negative ones the upper line.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval, dot
+
+
+def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lower slope, upper slope, upper intercept) of the ReLU over [lower, upper], elementwise."""
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    upper_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
+    upper_intercept = torch.where(unstable, -lower * upper / width, torch.zeros_like(upper))
+    lower_slope = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
+    return lower_slope, upper_slope, upper_intercept
+
+
+@BOUND_OPS.register("ReLU")
+class ReLUBound(BoundOp):
+    """``nn.ReLU``, elementwise, any shape."""
+
+    module_types = (nn.ReLU,)
+    nonlinear = True
+
+    def interval(self, x: Interval) -> Interval:
+        return x[0].clamp(min=0), x[1].clamp(min=0)
+
+    def backward(self, A: torch.Tensor, x: Interval):
+        lower_slope, upper_slope, upper_intercept = relaxation(*x)
+        negative = A.clamp(max=0)
+        A_in = (A - negative) * lower_slope.unsqueeze(1) + negative * upper_slope.unsqueeze(1)
+        return [A_in], dot(negative, upper_intercept)
