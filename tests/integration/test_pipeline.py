@@ -32,7 +32,7 @@ def test_mnist_config_runs_on_real_mnist(tmp_path):
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"real MNIST not found under {SHARED_DATA} (set ROBUSTPRUNE_DATA to a folder with mnist/)")
     overrides = [f"data.root={SHARED_DATA}", "pretrain.epochs=1", "objective.steps=1", "finetune.epochs=0",
-                 "evaluate.n_samples=200", "evaluate.pgd_steps=5"]
+                 "evaluate.n_samples=200", "evaluate.pgd_steps=5", "evaluate.verifiers=[ibp]"]
     cfg = load_config(REPO / "configs" / "mnist-pgd.yaml", overrides)
     report = run(cfg, tmp_path / "run", quiet=True, log=lambda _: None)
     dense = report["stages"]["pretrained"]
