@@ -6,7 +6,7 @@ unstable neurons), else a fresh initialisation (every neuron unstable: the worst
 test images when the data is found, else uniform noise. Also reports peak memory of the process.
 
     .venv/bin/python benchmarks/bounds_speed.py
-    ROBUSTPRUNE_DATA=../shared/data .venv/bin/python benchmarks/bounds_speed.py --checkpoint runs/X/finetuned.safetensors
+    ROBUSTPRUNE_DATA=../shared/data .venv/bin/python benchmarks/bounds_speed.py --checkpoint RUN/finetuned.safetensors
 """
 from __future__ import annotations
 
