@@ -39,3 +39,12 @@ def tiny_mlp() -> nn.Module:
 
     torch.manual_seed(0)
     return create_model("mlp", (1, 6, 6), 3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests of tiny tensors: one intra-op thread is faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

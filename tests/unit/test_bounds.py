@@ -27,13 +27,7 @@ TOL = 1e-9
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tests run tiny tensors: one intra-op thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers

@@ -25,12 +25,7 @@ METHODS = ("ibp", "crown-ibp", "crown")
 SOUND_TOL = 1e-7  # the MILP optimum is exact up to the solver's feasibility tolerances
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------- the cases
