@@ -6,6 +6,8 @@ classes read ``module.weight``, the masked weight.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -21,21 +23,26 @@ for _name, _intermediate in (("ibp", None), ("crown-ibp", "ibp"), ("crown", "cro
     VERIFIERS.register(_name)(_intermediate)
 
 
-def spec_lower_bounds(graph: Graph, box: Interval, spec: torch.Tensor, method: str) -> torch.Tensor:
+def spec_lower_bounds(graph: Graph, box: Interval, spec: torch.Tensor, method: str,
+                      intervals: dict[int, Interval] | None = None) -> torch.Tensor:
     """Lower bounds (B, S) of ``spec @ logits`` for spec (B, S, classes) over the input box.
 
-    For ``ibp`` the specification is merged into a final affine layer before the interval is applied (Gowal et al.
-    2018's elision of the last layer): exact for that layer, tighter than subtracting logit intervals.
+    ``intervals``: the IBP intervals of the nodes for this box when already computed (``ibp`` and ``crown-ibp`` use
+    them as they are). For ``ibp`` the specification is merged into a final affine layer before the interval is
+    applied (Gowal et al. 2018's elision of the last layer): exact for that layer, tighter than subtracting logit
+    intervals.
     """
     intermediate = VERIFIERS.get(method)
     last = graph.nodes[graph.output]
+    if intermediate == "crown":
+        bounds = crown_bounds(graph, box, "crown", stop=graph.output - 1)
+    else:
+        bounds = dict(intervals) if intervals is not None else interval_pass(graph, box, stop=graph.output - 1)
     if intermediate is None:
-        bounds = interval_pass(graph, box, stop=graph.output - 1)
         if last.op.nonlinear or len(last.inputs) != 1:
             return concretize(spec, last.op.interval(*(bounds[i] for i in last.inputs)))
         (A_in,), bias = last.op.backward(spec, bounds[last.inputs[0]])
         return bias + concretize(A_in, bounds[last.inputs[0]])
-    bounds = crown_bounds(graph, box, intermediate, stop=graph.output - 1)
     bounds[graph.output] = last.op.interval(*(bounds[i] for i in last.inputs))
     return backward_bound(graph, graph.output, spec, bounds)
 
@@ -48,26 +55,35 @@ def margin_spec(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.fl
     return eye[y].unsqueeze(1) - eye[others]
 
 
-def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str,
-                        graph: Graph | None = None) -> torch.Tensor:
-    """Lower bounds (B, classes − 1) of the margins z_y − z_j over the L∞ ball ∩ [0, 1], differentiable.
+def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per method, lower bounds (B, classes − 1) of the margins z_y − z_j over the L∞ ball ∩ [0, 1], differentiable.
 
-    The margins are the specification CROWN propagates backward (tighter than subtracting logit bounds).
+    The margins are the specification CROWN propagates backward (tighter than subtracting logit bounds). The
+    methods share one graph and one interval pass (CROWN-IBP training needs both IBP and CROWN-IBP bounds).
     """
-    graph = graph or build_graph(model)
-    num_classes = _num_classes(graph, x)
-    return spec_lower_bounds(graph, input_box(x, eps), margin_spec(y, num_classes, x.dtype), method)
+    graph = build_graph(model)
+    box = input_box(x, eps)
+    intervals = interval_pass(graph, box)
+    spec = margin_spec(y, _class_count(intervals[graph.output]), x.dtype)
+    return {method: spec_lower_bounds(graph, box, spec, method, intervals) for method in methods}
+
+
+def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str) -> torch.Tensor:
+    """Lower bounds (B, classes − 1) of the margins z_y − z_j by one method (see :func:`margin_bounds`)."""
+    return margin_bounds(model, x, y, eps, (method,))[method]
 
 
 def compute_bounds(model: nn.Module, x: torch.Tensor, eps: float, method: str = "crown") -> Interval:
     """Sound (lower, upper) bounds (B, classes) of the logits over the L∞ ball of radius ``eps`` ∩ [0, 1]."""
     graph = build_graph(model)
     box = input_box(x, eps)
+    intervals = interval_pass(graph, box)
+    num_classes = _class_count(intervals[graph.output])
     if VERIFIERS.get(method) is None:
-        return interval_pass(graph, box)[graph.output]
-    num_classes = _num_classes(graph, x)
+        return intervals[graph.output]
     eye = torch.eye(num_classes, dtype=x.dtype, device=x.device).expand(len(x), -1, -1)
-    both = spec_lower_bounds(graph, box, torch.cat([eye, -eye], 1), method)
+    both = spec_lower_bounds(graph, box, torch.cat([eye, -eye], 1), method, intervals)
     return both[:, :num_classes], -both[:, num_classes:]
 
 
@@ -87,13 +103,11 @@ def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, metho
     return (lower > 0).all(dim=1)
 
 
-def _num_classes(graph: Graph, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        out = interval_pass(graph, (x[:1], x[:1]))[graph.output][0]
-    if out.dim() != 2:
-        raise UserError(f"bounds need a model with logits of shape (B, classes), got {tuple(out.shape)}")
-    return out.shape[1]
+def _class_count(logits: Interval) -> int:
+    if logits[0].dim() != 2:
+        raise UserError(f"bounds need a model with logits of shape (B, classes), got {tuple(logits[0].shape)}")
+    return logits[0].shape[1]
 
 
-__all__ = ["BOUND_OPS", "BoundOp", "Graph", "VERIFIERS", "build_graph", "compute_bounds", "margin_lower_bounds",
-           "margin_spec", "spec_lower_bounds", "verify"]
+__all__ = ["BOUND_OPS", "BoundOp", "Graph", "VERIFIERS", "build_graph", "compute_bounds", "margin_bounds",
+           "margin_lower_bounds", "margin_spec", "spec_lower_bounds", "verify"]

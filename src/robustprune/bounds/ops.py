@@ -73,6 +73,13 @@ def _sum_rest(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).sum(-1)
 
 
+def _output_padding(in_size, out_size, kernel, stride, padding, dilation) -> list[int]:
+    """``output_padding`` that makes a transposed convolution give back the input's exact size (floor mode drops
+    rows and columns that the forward convolution never read)."""
+    return [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+            for i, o, k, s, p, d in zip(in_size, out_size, kernel, stride, padding, dilation)]
+
+
 def dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ A[b, s, ...] · v[b, ...] → (B, S), as one batched matrix product (no (B, S, ...) temporary)."""
     return (A.flatten(2) @ v.reshape(v.shape[0], -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
@@ -139,9 +146,7 @@ class Conv2dBound(BoundOp):
             columns = weight.flatten(1).t() @ flat  # (N, C_in·kh·kw, H'·W')
             A_in = F.fold(columns, (in_h, in_w), m.kernel_size, m.dilation, m.padding, m.stride)
         else:
-            out_pad = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-                       for size, out, s, p, d, k in zip((in_h, in_w), (height, width), m.stride, m.padding,
-                                                        m.dilation, m.kernel_size)]
+            out_pad = _output_padding((in_h, in_w), (height, width), m.kernel_size, m.stride, m.padding, m.dilation)
             A_in = F.conv_transpose2d(flat.view(-1, channels, height, width), weight, None, m.stride, m.padding,
                                       out_pad, m.groups, m.dilation)
         bias = _param(m, "bias", A)
@@ -187,9 +192,7 @@ class ElementwiseAffine(BoundOp):
         return mid - rad, mid + rad
 
     def backward(self, A: torch.Tensor, x: Interval | None = None):
-        a, b = self.coefficients(A)
-        view = _channel_view(a, A[:, 0])
-        a, b = a.view(view.shape).unsqueeze(1), b.view(view.shape).unsqueeze(1)
+        a, b = (_channel_view(v, A[:, 0]).unsqueeze(1) for v in self.coefficients(A))
         return [A * a], _sum_rest(A * b)
 
 
@@ -302,8 +305,7 @@ class AvgPoolBound(BoundOp):
         in_h, in_w = x[0].shape[-2:]
         kernel, stride, padding = self._geometry((in_h, in_w))
         weight = A.new_full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
-        out_pad = [size - ((out - 1) * s - 2 * p + k)
-                   for size, out, s, p, k in zip((in_h, in_w), (height, width), stride, padding, kernel)]
+        out_pad = _output_padding((in_h, in_w), (height, width), kernel, stride, padding, (1, 1))
         A_in = F.conv_transpose2d(A.reshape(batch * specs, channels, height, width), weight, None, stride, padding,
                                   out_pad, groups=channels)
         return [A_in.view(batch, specs, *A_in.shape[1:])], 0.0

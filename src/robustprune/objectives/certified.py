@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.bounds import build_graph, margin_lower_bounds
+from robustprune.bounds import margin_bounds, margin_lower_bounds
 from robustprune.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
 from robustprune.objectives.schedules import interpolate
@@ -72,13 +72,11 @@ class CrownIBPTraining(IBPTraining):
     name = "crown-ibp"
 
     def margin_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        graph = build_graph(model)
-        ibp = margin_lower_bounds(model, x, y, self.current_eps, "ibp", graph)
         beta = self.beta
         if beta <= 0:
-            return ibp
-        crown = margin_lower_bounds(model, x, y, self.current_eps, "crown-ibp", graph)
-        return beta * crown + (1 - beta) * ibp
+            return margin_lower_bounds(model, x, y, self.current_eps, "ibp")
+        bounds = margin_bounds(model, x, y, self.current_eps, ("ibp", "crown-ibp"))
+        return beta * bounds["crown-ibp"] + (1 - beta) * bounds["ibp"]
 
     def describe(self) -> dict:
         return {**super().describe(), "beta": [self.beta_start, self.beta_end]}
