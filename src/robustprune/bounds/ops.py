@@ -16,6 +16,8 @@ the dtype of the bounds, so verification can run in float64 on a float32 model w
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.errors import UserError
+from robustprune.bounds.patches import Patches
 from robustprune.models.base import Normalize
 from robustprune.registry import Registry
 
@@ -54,8 +57,20 @@ class BoundOp:
         """
         raise NotImplementedError
 
+    def unit_patches(self, positions: torch.Tensor, x: Interval) -> tuple[Patches, torch.Tensor]:
+        """``unit_backward`` as :class:`Patches` on the input map (convolutions: the rows are weight windows)."""
+        raise NotImplementedError
+
+    def patch_backward(self, A: Patches, *inputs: Interval) -> tuple[list[Patches], torch.Tensor | float]:
+        """``backward`` of coefficients kept as :class:`Patches`; ops that would spread them beyond a window (or
+        have no such form) raise NotImplementedError and get dense coefficients instead."""
+        raise NotImplementedError
+
 
 BOUND_OPS: Registry[type[BoundOp]] = Registry("bound op")
+
+#: Largest matrix (elements) a convolution builds to move coefficient windows back through itself in one product.
+WINDOW_MATRIX_ELEMENTS = 2 ** 22
 
 
 def center_radius(bounds: Interval) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +83,7 @@ def _param(module: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor | N
     return None if value is None else value.to(like.dtype)
 
 
-def _sum_rest(t: torch.Tensor) -> torch.Tensor:
+def sum_rest(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension after the first two: (B, S, ...) → (B, S)."""
     return t.flatten(2).sum(-1)
 
@@ -78,6 +93,11 @@ def _output_padding(in_size, out_size, kernel, stride, padding, dilation) -> lis
     rows and columns that the forward convolution never read)."""
     return [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
             for i, o, k, s, p, d in zip(in_size, out_size, kernel, stride, padding, dilation)]
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output size of a convolution (floor mode)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -153,29 +173,54 @@ class Conv2dBound(BoundOp):
         const = 0.0 if bias is None else (A.sum((-2, -1)) @ bias)
         return [A_in.view(batch, specs, *A_in.shape[1:])], const
 
-    def unit_backward(self, positions: torch.Tensor, x: Interval):
-        """The weight of output channel c, placed where output pixel (i, j) reads the (zero-padded) input."""
+    def patch_backward(self, A: Patches, x: Interval):
+        """The transposed convolution of each window: a window of the input map, ``stride`` times the size."""
+        m = self.module
+        batch, specs = A.pixel.shape
+        weight = _param(m, "weight", A.values)
+        transpose = partial(F.conv_transpose2d, weight=weight, stride=m.stride, groups=m.groups, dilation=m.dilation)
+        (kh, kw), (sh, sw), (dh, dw), (rows, cols) = A.kernel, m.stride, m.dilation, m.kernel_size
+        window = A.values.shape[2:]
+        image = weight.shape[1] * m.groups * ((kh - 1) * sh + dh * (rows - 1) + 1) \
+            * ((kw - 1) * sw + dw * (cols - 1) + 1)
+        if math.prod(window) * image <= WINDOW_MATRIX_ELEMENTS:
+            # the transposed convolution of one window is a fixed matrix (its image of the unit windows): one
+            # matrix product for all windows is far faster than conv_transpose2d on many tiny images
+            units = torch.eye(math.prod(window), dtype=weight.dtype, device=weight.device).view(-1, *window)
+            images = transpose(units)
+            values = (A.values.reshape(batch * specs, -1) @ images.flatten(1)).view(-1, *images.shape[1:])
+        else:
+            values = transpose(A.values.flatten(0, 1))
+        stride = tuple(a * s for a, s in zip(A.stride, m.stride))
+        padding = tuple(a * s + p for a, s, p in zip(A.padding, m.stride, m.padding))
+        bias = _param(m, "bias", A.values)
+        const = 0.0 if bias is None else A.values.sum((-2, -1)) @ bias
+        moved = A.replace(values.view(batch, specs, *values.shape[1:]), stride, padding)
+        return [moved.masked(*x[0].shape[-2:])], const
+
+    def unit_patches(self, positions: torch.Tensor, x: Interval):
+        """The (dilated) weight of output channel c on the window that output pixel (i, j) reads."""
         m = self.module
         weight = _param(m, "weight", x[0])
         if m.groups != 1:
             raise NotImplementedError
-        in_c, in_h, in_w = x[0].shape[1:]
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
-        out_h = (in_h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (in_w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        channel, pixel = positions // (out_h * out_w), positions % (out_h * out_w)
-        row, col = (pixel // out_w) * sh, (pixel % out_w) * sw  # top-left corner in the padded input
-        pad_h, pad_w = in_h + 2 * ph, in_w + 2 * pw
-        dev = positions.device
-        offsets = (torch.arange(in_c, device=dev).view(-1, 1, 1) * pad_h * pad_w
-                   + torch.arange(kh, device=dev).view(1, -1, 1) * dh * pad_w
-                   + torch.arange(kw, device=dev).view(1, 1, -1) * dw).flatten()
-        index = (row * pad_w + col).unsqueeze(-1) + offsets  # (B, S, in_c·kh·kw)
-        A_in = x[0].new_zeros(*positions.shape, in_c * pad_h * pad_w)
-        A_in.scatter_(2, index, weight.flatten(1)[channel])
-        A_in = A_in.view(*positions.shape, in_c, pad_h, pad_w)[..., ph:ph + in_h, pw:pw + in_w]
+        in_h, in_w = x[0].shape[-2:]
+        (kh, kw), (dh, dw) = m.kernel_size, m.dilation
+        out_h, out_w = (conv_out(i, k, s, p, d) for i, k, s, p, d in
+                        zip((in_h, in_w), m.kernel_size, m.stride, m.padding, m.dilation))
+        if (dh, dw) != (1, 1):
+            dilated = weight.new_zeros(*weight.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+            dilated[..., ::dh, ::dw] = weight
+            weight = dilated
+        channel = positions // (out_h * out_w)
+        windows = Patches(weight[channel], positions % (out_h * out_w), (out_h, out_w), m.stride, m.padding)
         bias = _param(m, "bias", x[0])
-        return A_in, (torch.zeros_like(positions, dtype=x[0].dtype) if bias is None else bias[channel])
+        return windows.masked(in_h, in_w), (torch.zeros_like(positions, dtype=x[0].dtype) if bias is None
+                                            else bias[channel])
+
+    def unit_backward(self, positions: torch.Tensor, x: Interval):
+        windows, bias = self.unit_patches(positions, x)
+        return windows.dense(x[0].shape[1:]), bias
 
 
 class ElementwiseAffine(BoundOp):
@@ -193,7 +238,11 @@ class ElementwiseAffine(BoundOp):
 
     def backward(self, A: torch.Tensor, x: Interval | None = None):
         a, b = (_channel_view(v, A[:, 0]).unsqueeze(1) for v in self.coefficients(A))
-        return [A * a], _sum_rest(A * b)
+        return [A * a], sum_rest(A * b)
+
+    def patch_backward(self, A: Patches, x: Interval | None = None):
+        (values,), bias = self.backward(A.values)  # per channel: the same on a window as on the map
+        return [A.replace(values)], bias
 
 
 def _channel_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -251,6 +300,8 @@ class IdentityBound(BoundOp):
 
     def backward(self, A, x=None):
         return [A], 0.0
+
+    patch_backward = backward
 
 
 @BOUND_OPS.register("Flatten")
@@ -325,3 +376,5 @@ class AddBound(BoundOp):
 
     def backward(self, A, x=None, y=None):
         return [A, A], 0.0
+
+    patch_backward = backward

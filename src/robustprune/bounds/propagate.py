@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from robustprune.bounds.graph import Graph
-from robustprune.bounds.ops import Interval, dot
+from robustprune.bounds.ops import Interval, dot, sum_rest
+from robustprune.bounds.patches import Patches, add
 
 #: Largest coefficient tensor (elements) one backward pass holds; bigger requests run in chunks of specifications.
 MAX_ELEMENTS = 2 ** 24
@@ -46,7 +47,7 @@ def backward_bound(graph: Graph, start: int, A: torch.Tensor, bounds: dict[int, 
     chunk = _chunk(A.shape[0], bounds, start)
     if A.shape[1] > chunk:
         return torch.cat([backward_bound(graph, start, part, bounds) for part in A.split(chunk, dim=1)], dim=1)
-    return _backward(graph, {start: A}, A.new_zeros(A.shape[:2]), bounds, start)
+    return _backward(graph, {start: A}, A.new_zeros(A.shape[:2]), bounds, start)[0]
 
 
 def _chunk(batch: int, bounds: dict[int, Interval], start: int) -> int:
@@ -55,45 +56,88 @@ def _chunk(batch: int, bounds: dict[int, Interval], start: int) -> int:
     return max(1, MAX_ELEMENTS // max(1, batch * widest))
 
 
-def _backward(graph: Graph, pending: dict[int, torch.Tensor], constant: torch.Tensor, bounds: dict[int, Interval],
-              start: int) -> torch.Tensor:
+def _backward(graph: Graph, pending: dict[int, torch.Tensor | Patches], constant: torch.Tensor,
+              bounds: dict[int, Interval], start: int) -> tuple[torch.Tensor, int]:
+    """The lower bounds of the pending coefficients' sum, and the widest coefficients per specification held."""
+    width = 0
     for index in range(start, 0, -1):
         coefficients = pending.pop(index, None)
         if coefficients is None:
             continue
+        width = max(width, _width(coefficients))
         node = graph.nodes[index]
-        inputs_A, bias = node.op.backward(coefficients, *(bounds[i] for i in node.inputs))
+        inputs = [bounds[i] for i in node.inputs]
+        inputs_A = None
+        if isinstance(coefficients, Patches):
+            shape = bounds[index][0].shape[1:]
+            if coefficients.worth_keeping(shape):
+                try:
+                    inputs_A, bias = node.op.patch_backward(coefficients, *inputs)
+                except NotImplementedError:
+                    pass
+            coefficients = coefficients.dense(shape) if inputs_A is None else coefficients
+        if inputs_A is None:
+            inputs_A, bias = node.op.backward(coefficients, *inputs)
         constant = constant + bias
         for source, A_in in zip(node.inputs, inputs_A):
-            pending[source] = pending[source] + A_in if source in pending else A_in
-    return constant + concretize(pending[0], bounds[0])
+            pending[source] = add(pending[source], A_in, bounds[source][0].shape[1:]) if source in pending else A_in
+    return constant + concretize(pending[0], bounds[0]), max(width, _width(pending[0]))
 
 
-def concretize(A: torch.Tensor, box: Interval) -> torch.Tensor:
+def _width(A: torch.Tensor | Patches) -> int:
+    """Elements per specification."""
+    values = A.values if isinstance(A, Patches) else A
+    return max(1, values[0, 0].numel())
+
+
+def concretize(A: torch.Tensor | Patches, box: Interval) -> torch.Tensor:
     """min over v in the box of A · v = A · center − |A| · radius, (B, S, *shape) → (B, S)."""
     low, high = box
-    return dot(A, (high + low) / 2) - dot(A.abs(), (high - low) / 2)
+    center, radius = (high + low) / 2, (high - low) / 2
+    if isinstance(A, Patches):
+        return sum_rest(A.values * A.gather(center)) - sum_rest(A.values.abs() * A.gather(radius))
+    return dot(A, center) - dot(A.abs(), radius)
 
 
 def unit_lower_bounds(graph: Graph, index: int, positions: torch.Tensor, bounds: dict[int, Interval]
                       ) -> torch.Tensor:
-    """Lower bounds (B, 2S) of ``+out[positions]`` then ``−out[positions]`` of node ``index`` (positions (B, S))."""
+    """Lower bounds (B, 2S) of ``+out[positions]`` then ``−out[positions]`` of node ``index`` (positions (B, S)).
+
+    Runs in chunks of specifications: the first sized for dense coefficients, the next ones for the widest
+    coefficients the first pass actually held (patches are far narrower than their maps).
+    """
+    batch = positions.shape[0]
+    chunk = max(1, _chunk(batch, bounds, index) // 2)
+    lowers, uppers, done = [], [], 0
+    while done < positions.shape[1]:
+        part = positions[:, done:done + chunk]
+        both, width = _unit_pass(graph, index, part, bounds)
+        lowers.append(both[:, :part.shape[1]])
+        uppers.append(both[:, part.shape[1]:])
+        done += part.shape[1]
+        chunk = max(1, MAX_ELEMENTS // (batch * width) // 2)
+    return torch.cat(lowers + uppers, 1)
+
+
+def _unit_pass(graph: Graph, index: int, positions: torch.Tensor, bounds: dict[int, Interval]
+               ) -> tuple[torch.Tensor, int]:
     node = graph.nodes[index]
-    chunk = max(1, _chunk(positions.shape[0], bounds, index) // 2)
-    if positions.shape[1] > chunk:
-        parts = [unit_lower_bounds(graph, index, p, bounds) for p in positions.split(chunk, dim=1)]
-        return torch.cat([torch.cat([p[:, :p.shape[1] // 2] for p in parts], 1),
-                          torch.cat([p[:, p.shape[1] // 2:] for p in parts], 1)], 1)
+    source = bounds[node.inputs[0]]
     try:
-        A_in, bias = node.op.unit_backward(positions, bounds[node.inputs[0]])
+        windows, bias = node.op.unit_patches(positions, source)
+        A_in = windows.negated_too()
     except NotImplementedError:
-        lower = bounds[index][0]
-        spec = lower.new_zeros(*positions.shape, lower[0].numel())
-        spec.scatter_(2, positions.unsqueeze(2), 1.0)
-        spec = spec.view(*positions.shape, *lower.shape[1:])
-        return backward_bound(graph, index, torch.cat([spec, -spec], 1), bounds)
-    pending = {node.inputs[0]: torch.cat([A_in, -A_in], 1)}
-    return _backward(graph, pending, torch.cat([bias, -bias], 1), bounds, index - 1)
+        try:
+            A_in, bias = node.op.unit_backward(positions, source)
+            A_in = torch.cat([A_in, -A_in], 1)
+        except NotImplementedError:
+            lower = bounds[index][0]
+            spec = lower.new_zeros(*positions.shape, lower[0].numel())
+            spec.scatter_(2, positions.unsqueeze(2), 1.0)
+            spec = spec.view(*positions.shape, *lower.shape[1:])
+            widest = max(b[0][0].numel() for i, b in bounds.items() if i <= index)
+            return backward_bound(graph, index, torch.cat([spec, -spec], 1), bounds), widest
+    return _backward(graph, {node.inputs[0]: A_in}, torch.cat([bias, -bias], 1), bounds, index - 1)
 
 
 def crown_tighten(graph: Graph, index: int, bounds: dict[int, Interval]) -> Interval:

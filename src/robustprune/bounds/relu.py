@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval, dot
+from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval, dot, sum_rest
+from robustprune.bounds.patches import Patches
 
 
 def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,6 +38,18 @@ class ReLUBound(BoundOp):
 
     def backward(self, A: torch.Tensor, x: Interval):
         lower_slope, upper_slope, upper_intercept = relaxation(*x)
-        negative = A.clamp(max=0)
-        A_in = (A - negative) * lower_slope.unsqueeze(1) + negative * upper_slope.unsqueeze(1)
+        A_in, negative = _split_by_sign(A, lower_slope.unsqueeze(1), upper_slope.unsqueeze(1))
         return [A_in], dot(negative, upper_intercept)
+
+    def patch_backward(self, A: Patches, x: Interval):
+        lower_slope, upper_slope, upper_intercept = (A.gather(t) for t in relaxation(*x))
+        values, negative = _split_by_sign(A.values, lower_slope, upper_slope)
+        return [A.replace(values)], sum_rest(negative * upper_intercept)
+
+
+def _split_by_sign(A: torch.Tensor, lower_slope: torch.Tensor, upper_slope: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A⁺ · lower slope + A⁻ · upper slope, A⁻): positive coefficients take the lower line, negative ones the
+    upper line. In place where autograd allows it (the lower slope is piecewise constant: it has no gradient)."""
+    negative = A.clamp(max=0)
+    return A.clamp(min=0).mul_(lower_slope).addcmul_(negative, upper_slope), negative
