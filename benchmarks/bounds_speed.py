@@ -3,7 +3,8 @@
 The issue's targets on 2 CPU cores: IBP ≤ 15 ms, full CROWN ≤ 5 s per batch of 128 (auto_LiRPA 0.7.1 measured 5.2 s
 on the same network). The network is a checkpoint when given (a certified-trained one is the realistic case: few
 unstable neurons), else a fresh initialisation (every neuron unstable: the worst case). Inputs are the first MNIST
-test images when the data is found, else uniform noise. Also reports peak memory of the process.
+test images when the data is found, else uniform noise. Also reports peak memory of the process. The allocator is
+set as the robustprune command sets it (``robustprune.allocator``) unless ``--glibc-defaults`` is given.
 
     .venv/bin/python benchmarks/bounds_speed.py
     ROBUSTPRUNE_DATA=../shared/data .venv/bin/python benchmarks/bounds_speed.py --checkpoint RUN/finetuned.safetensors
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from robustprune.allocator import keep_freed_memory
 from robustprune.bounds import margin_lower_bounds
 from robustprune.errors import UserError
 from robustprune.export import load
@@ -50,7 +52,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--glibc-defaults", action="store_true", help="leave the allocator as glibc sets it")
     args = parser.parse_args()
+    allocator = "glibc defaults" if args.glibc_defaults or not keep_freed_memory() else "robustprune's allocator"
     if args.checkpoint:
         model, source = load(args.checkpoint), args.checkpoint
     else:
@@ -59,7 +63,7 @@ def main() -> None:
     model.eval()
     x, y, data = inputs(args.batch)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {source}; {data}; batch {args.batch}, "
-          f"eps {args.eps}, median of {args.repeats}")
+          f"eps {args.eps}, median of {args.repeats}; {allocator}")
     print("| method | dtype | s / batch | verified |")
     print("|---|---|---:|---:|")
     for method in ("ibp", "crown-ibp", "crown"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from robustprune import __version__
+from robustprune.allocator import keep_freed_memory
 from robustprune.config import Config, load_config
 from robustprune.errors import UserError
 
@@ -198,6 +199,7 @@ COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        keep_freed_memory()
         COMMANDS[args.command](args)
         return 0
     except UserError as err:

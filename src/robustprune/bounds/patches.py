@@ -55,8 +55,10 @@ class Patches:
         """The values of a (B, C, H, W) map in every window, (B, S, C, kh, kw); zero outside the map."""
         pads, per_row = self._layout(*t.shape[-2:])
         columns = F.unfold(F.pad(t, pads), self.kernel, stride=self.stride).transpose(1, 2)  # (B, L, C·kh·kw)
-        index = self._window(per_row).unsqueeze(-1).expand(-1, -1, columns.shape[-1])
-        return columns.gather(1, index).view(self.values.shape[:2] + (t.shape[1],) + self.kernel)
+        batch, windows = columns.shape[:2]
+        rows = self._window(per_row) + windows * torch.arange(batch, device=t.device).unsqueeze(1)
+        picked = columns.reshape(batch * windows, -1).index_select(0, rows.flatten())
+        return picked.view(self.values.shape[:2] + (t.shape[1],) + self.kernel)
 
     def masked(self, height: int, width: int) -> Patches:
         """The same patches with the cells outside an H×W map zeroed."""

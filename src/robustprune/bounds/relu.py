@@ -42,7 +42,7 @@ class ReLUBound(BoundOp):
         return [A_in], dot(negative, upper_intercept)
 
     def patch_backward(self, A: Patches, x: Interval):
-        lower_slope, upper_slope, upper_intercept = (A.gather(t) for t in relaxation(*x))
+        lower_slope, upper_slope, upper_intercept = A.gather(torch.cat(relaxation(*x), 1)).chunk(3, dim=2)
         values, negative = _split_by_sign(A.values, lower_slope, upper_slope)
         return [A.replace(values)], sum_rest(negative * upper_intercept)
 
