@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    p = sub.add_parser("export", help="write a checkpoint as a sparse, slim or ONNX artefact")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=("sparse", "slim", "onnx"),
+                   help="sparse: kept weights + mask encoding; slim: channels cut; onnx: for other runtimes")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="stored precision of the weights (sparse and slim; loaded back as fp32)")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, CKPT.<format>.safetensors / .onnx)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("inspect", help="architecture, layout, per-layer density, size and metrics of a file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("kind", choices=LIST_KINDS)
     return parser
@@ -179,6 +192,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(stage_table({"stages": {meta.get("stage", "model"): metrics}}))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from robustprune.export import load, read_metadata, save
+
+    source = Path(args.checkpoint)
+    meta = read_metadata(source)
+    if args.format == "onnx" and args.dtype != "fp32":
+        raise UserError("ONNX export writes fp32 weights; --dtype applies to sparse and slim")
+    suffix = ".onnx" if args.format == "onnx" else f".{args.format}.safetensors"
+    out = _check_out_file(args.out or str(source.with_name(source.name.removesuffix(".safetensors") + suffix)),
+                          args.force)
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the checkpoint being exported")
+    model = load(source)
+    kept = {k: v for k, v in meta.items() if k not in ("layout", "dtype", "arch", "sparse")}
+    save(model, out, format=args.format, dtype=args.dtype, **({} if args.format == "onnx" else kept))
+    dense = 4 * sum(p.numel() for p in model.parameters()) + 4 * sum(b.numel() for n, b in model.named_buffers()
+                                                                     if b.is_floating_point() and "mask" not in n)
+    print(f"{args.format} export: {out} ({out.stat().st_size / 1e6:.3f} MB; the dense fp32 weights are "
+          f"{dense / 1e6:.3f} MB)")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from robustprune.export.describe import describe, format_description
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    description = describe(path)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from robustprune.attacks import ATTACKS
     from robustprune.bounds import VERIFIERS
@@ -193,7 +237,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune": _cmd_finetune,
-            "evaluate": _cmd_evaluate, "list": _cmd_list}
+            "evaluate": _cmd_evaluate, "export": _cmd_export, "inspect": _cmd_inspect, "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

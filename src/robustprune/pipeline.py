@@ -184,10 +184,14 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     timing["total"] = time.perf_counter() - t_start
 
     write_json(out / "plan.json", plan.to_json())
+    structured = PRUNERS.get(cfg.prune.rule).structured
     artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
                  "plan": str(out / "plan.json"), "report_md": str(out / "report.md"), "plots": []}
+    for kind in ("sparse", "slim") if structured else ("sparse",):  # the fine-tuned model, really compressed
+        artifacts[kind] = str(save(model, out / f"finetuned.{kind}.safetensors", format=kind, stage="finetuned",
+                                   metrics=stages["finetuned"], plan=plan.summary(), **meta))
     report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts)
-    if PRUNERS.get(cfg.prune.rule).structured:
+    if structured:
         report["structure"] = structure(model)
     write_report(out, report)
     log("")

@@ -1,9 +1,13 @@
 """End-to-end runs of the shipped configs: the default demo's claim, and the real-MNIST path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from robustprune.config import load_config
+from robustprune.export import load
 from robustprune.pipeline import run
 
 from conftest import REPO, SHARED_DATA
@@ -18,6 +22,13 @@ def test_default_pipeline_keeps_its_robustness_at_10x(tmp_path):
     assert dense["pgd_acc"] > 0.5  # the dense model is robust to begin with
     assert tuned["benign_acc"] >= 0.98 * dense["benign_acc"]
     assert tuned["pgd_acc"] >= 0.98 * dense["pgd_acc"]
+    # the run leaves the fine-tuned model really compressed on disk, with the same logits
+    sparse_file, checkpoint = Path(report["artifacts"]["sparse"]), Path(report["artifacts"]["checkpoint"])
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load(sparse_file)(x), load(checkpoint)(x))
+    assert sparse_file.stat().st_size < 0.1 * checkpoint.stat().st_size  # the checkpoint also stores its masks
+    assert report["artifacts"]["slim"] is None  # unstructured pruning: nothing to cut
 
 
 def test_benign_objective_gives_no_robustness(tmp_path):
@@ -49,3 +60,9 @@ def test_structured_run_reports_the_slim_model(tmp_path):
     assert slim["params"] < dense["params"] and slim["macs"] < dense["macs"]
     assert report["stages"]["finetuned"]["compression"] == pytest.approx(2.0, rel=0.1)
     assert (tmp_path / "run" / "plan.json").is_file() and report["artifacts"]["plan"].endswith("plan.json")
+    masked, slim = load(report["artifacts"]["checkpoint"]), load(report["artifacts"]["slim"])
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(slim(x), masked(x), atol=1e-5)
+    assert sum(p.numel() for p in slim.parameters()) == report["structure"]["slim"]["params"]
+    assert Path(report["artifacts"]["sparse"]).is_file()
