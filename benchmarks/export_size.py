@@ -2,7 +2,7 @@
 
 The issue's targets: sparse / dense ≤ 0.135 at 10× and ≤ 0.03 at 100× compression (layer-wise magnitude pruning of
 ``cnn-large`` and ``vgg16-bn`` at the CIFAR-10 input shape), about half of that with fp16 values. Also times
-``save`` and ``load`` of each file and checks that the fp32 file gives back the exact logits.
+``save`` and ``load`` of each file and reports how far the loaded model's logits move (0 for fp32: exact).
 
     .venv/bin/python benchmarks/export_size.py [--models cnn-large vgg16-bn] [--compressions 10 100]
 """
@@ -28,7 +28,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="robustprune-export-"))
     print(f"torch {torch.__version__}; input (3, 32, 32), 10 classes; layer-wise magnitude pruning")
     print("| model | compression | dtype | dense fp32 | sparse | ratio | encodings (delta / bitmask) | save s "
-          "| load s | exact |")
+          "| load s | max abs logit change |")
     print("|---|---:|---|---:|---:|---:|---|---:|---:|---|")
     x = torch.rand(4, 3, 32, 32)
     for name in args.models:
@@ -49,11 +49,11 @@ def main() -> None:
                 loaded = time.perf_counter() - start
                 encodings = [part["encoding"] for part in read_metadata(path)["sparse"].values()]
                 with torch.no_grad():
-                    exact = torch.equal(back(x), model(x))
+                    change = float((back(x) - model(x)).abs().max())
                 size = path.stat().st_size
                 print(f"| {name} | {compression:g}× | {dtype} | {dense / 1e6:.2f} MB | {size / 1e6:.3f} MB | "
                       f"{size / dense:.4f} | {encodings.count('delta')} / {encodings.count('bitmask')} | "
-                      f"{saved:.2f} | {loaded:.2f} | {'yes' if exact else 'no'} |", flush=True)
+                      f"{saved:.2f} | {loaded:.2f} | {change:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
