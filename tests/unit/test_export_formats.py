@@ -117,6 +117,9 @@ def test_slim_models_round_trip_without_the_dense_model(tmp_path, name):
     assert back.arch["widths"] == meta["arch"]["widths"]
     resaved = save(back, tmp_path / "again.safetensors")  # a slim model stays loadable in the dense layout too
     assert torch.equal(logits(load(resaved), name), logits(back, name))
+    # channel masks also cover biases and batch-norm parameters: the sparse layout keeps them exactly
+    structured = load(save(masked, tmp_path / "structured.safetensors", format="sparse"))
+    assert torch.equal(logits(structured, name), logits(masked, name)) and set(masks(structured)) == set(masks(masked))
 
 
 def test_slim_architecture_naming_a_missing_layer_is_refused(tmp_path):
