@@ -189,7 +189,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(stage_table({"stages": {meta.get("stage", "model"): metrics}}))
+        print(stage_table({"stages": {meta.get("stage", "model"): metrics},
+                           "warnings": [f"{meta.get('stage', 'model')}: {w}" for w in metrics["warnings"]]}))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

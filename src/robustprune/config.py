@@ -65,8 +65,14 @@ class ObjectiveConfig:
     kappa_end: float = 0.5  # ... and at its end (Gowal et al. 2018)
     beta_start: float = 1.0  # crown-ibp: weight of the CROWN-IBP bound against IBP at the start of the ramp ...
     beta_end: float = 0.0  # ... and at its end (Zhang et al. 2020)
+    trades_beta: float = 6.0  # trades: weight of the KL robustness term (Zhang et al. 2019)
+    mart_lambda: float = 5.0  # mart: weight of the misclassification-aware KL term (Wang et al. 2020)
+    noise_sd: float = 0.25  # smooth: σ of the Gaussian noise added to training inputs (Cohen et al. 2019)
 
     def __post_init__(self) -> None:
+        _check(self.trades_beta >= 0, f"trades_beta must be >= 0, got {self.trades_beta}")
+        _check(self.mart_lambda >= 0, f"mart_lambda must be >= 0, got {self.mart_lambda}")
+        _check(self.noise_sd > 0, f"noise_sd must be > 0, got {self.noise_sd}")
         _check(self.eps is None or self.eps >= 0, f"eps must be >= 0, got {self.eps}")
         for key in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
             _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -152,8 +158,29 @@ class EvalConfig:
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
     verifiers: tuple[str, ...] = ("ibp", "crown")  # sound verifiers (robustprune list verifiers); () for none
     verify_n_samples: int | None = None  # verify only the first n evaluated samples (full CROWN on big models)
+    attacks: tuple[str, ...] = ("pgd",)  # robustprune list attacks: pgd, fgsm, autoattack
+    pgd_loss: str = "ce"  # ce | margin (Carlini-Wagner), for pgd and fgsm
+    pgd_eps_fractions: tuple[float, ...] = (0.5,)  # PGD also at these fractions of ε: accuracy must not rise with ε
+    autoattack_attacks: tuple[str, ...] = ()  # subset of apgd-ce, apgd-t, fab-t, square (empty: all, standard)
+    autoattack_n_samples: int | None = None  # AutoAttack on the first n evaluated samples only (CPU budgets)
+    smoothing_sigma: float | None = None  # randomized-smoothing certificate with this σ (None: off)
+    smoothing_n0: int = 100  # selection samples (Cohen et al.)
+    smoothing_n: int = 1000  # estimation samples
+    smoothing_alpha: float = 0.001  # failure probability of each certificate
+    smoothing_n_samples: int | None = 100  # certify the first n evaluated samples
+    smoothing_radii: tuple[float, ...] = (0.25, 0.5)  # L2 radii of the reported certified accuracies
 
     def __post_init__(self) -> None:
+        _check(len(set(self.attacks)) == len(self.attacks), "attacks must not repeat a name")
+        _check(self.pgd_loss in ("ce", "margin"), f"pgd_loss must be ce or margin, got {self.pgd_loss!r}")
+        _check(all(0 < f < 1 for f in self.pgd_eps_fractions), "pgd_eps_fractions must lie in (0, 1)")
+        _check(self.autoattack_n_samples is None or self.autoattack_n_samples >= 1,
+               "autoattack_n_samples must be >= 1")
+        _check(self.smoothing_sigma is None or self.smoothing_sigma > 0, "smoothing_sigma must be > 0")
+        _check(self.smoothing_n0 >= 1 and self.smoothing_n >= 1, "smoothing_n0 and smoothing_n must be >= 1")
+        _check(0 < self.smoothing_alpha < 1, "smoothing_alpha must lie in (0, 1)")
+        _check(self.smoothing_n_samples is None or self.smoothing_n_samples >= 1, "smoothing_n_samples must be >= 1")
+        _check(all(r >= 0 for r in self.smoothing_radii), "smoothing_radii must be >= 0")
         _check(self.pgd_steps >= 0, "pgd_steps must be >= 0 (0 disables the attack)")
         _check(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         _check(self.pgd_step_size is None or self.pgd_step_size > 0, "pgd_step_size must be > 0")

@@ -1,18 +1,24 @@
-"""Evaluation: benign, PGD (per-sample worst case over restarts) and verified accuracy → one metrics dict.
+"""Evaluation: benign accuracy, every configured attack (per-sample worst case), verified accuracy and, on request,
+randomized-smoothing certificates → one metrics dict.
 
-A sample counts as robust only if it is classified correctly both clean and at the attack's point (the clean input
-lies in the ball, so robust accuracy can never exceed benign accuracy). A sample counts as verified by a method when
-the method's lower bounds of every margin z_y − z_j over the whole L∞ ball ∩ [0, 1] are positive; ``verified_acc``
-counts the samples verified by at least one method (each is sound, so their union is too). Invariants checked on
-every evaluation: a verified sample is classified correctly and no attack breaks it — a violation means an unsound
-bound or a broken attack and raises ``SoundnessError`` instead of reporting numbers.
+A sample counts as robust to an attack only if it is classified correctly both clean and at the attack's point
+(the clean input lies in the ball, so robust accuracy can never exceed benign accuracy). A sample counts as verified
+by a method when the method's lower bounds of every margin z_y − z_j over the whole L∞ ball ∩ [0, 1] are positive;
+``verified_acc`` counts the samples verified by at least one method (each is sound, so their union is too).
+
+Invariants, checked on every evaluation:
+- a verified sample is classified correctly and no attack breaks it — a violation means an unsound bound or a broken
+  attack and raises ``SoundnessError`` instead of reporting numbers;
+- AutoAttack accuracy ≤ PGD accuracy ≤ FGSM accuracy ≤ benign accuracy on the same samples, and PGD accuracy does
+  not rise with ε (PGD also runs at ``pgd_eps_fractions`` of ε: a smaller ball lies inside the larger one) — a
+  violation is reported in ``warnings``, because it signals gradient masking or a weak attack.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from robustprune.attacks import pgd
+from robustprune.attacks import autoattack, fgsm, pgd
 from robustprune.bounds import verify
 from robustprune.config import EvalConfig, ThreatConfig
 from robustprune.data import Split
@@ -20,6 +26,16 @@ from robustprune.data import Split
 
 class SoundnessError(RuntimeError):
     """A sample counted as verified was misclassified or broken by an attack: a bug, never a result."""
+
+
+def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, threat: ThreatConfig,
+                cfg: EvalConfig, seed: int) -> torch.Tensor:
+    if name == "pgd":
+        return pgd(model, x, y, eps, cfg.pgd_steps, cfg.pgd_step_size, cfg.pgd_restarts, threat.norm,
+                   loss=cfg.pgd_loss)
+    if name == "fgsm":
+        return fgsm(model, x, y, eps, threat.norm, loss=cfg.pgd_loss)
+    return autoattack(model, x, y, eps, threat.norm, cfg.autoattack_attacks, seed=seed)
 
 
 def evaluate(
@@ -31,51 +47,112 @@ def evaluate(
     batch_size: int = 500,
     seed: int = 0,
 ) -> dict:
-    """Benign, PGD and verified accuracy on the first ``cfg.n_samples`` test samples (all when None).
+    """Benign accuracy, attacks, verification and smoothing on the first ``cfg.n_samples`` test samples.
 
     The attacks' random starts come from ``seed`` on a forked RNG: identical for every stage and rerun, and the
-    caller's random stream is left untouched. Verification covers the first ``cfg.verify_n_samples`` of them and
-    runs only for the L∞ threat (the bounds' input set); otherwise the verified fields stay null.
+    caller's random stream is left untouched. AutoAttack covers the first ``autoattack_n_samples``, verification the
+    first ``verify_n_samples`` (L∞ only: the bounds' input set), smoothing the first ``smoothing_n_samples``.
     """
     device = next(model.parameters()).device
     n = len(test) if cfg.n_samples is None else min(cfg.n_samples, len(test))
     was_training = model.training
     model.eval()
-    clean_correct = torch.zeros(n, dtype=torch.bool)
-    robust_correct = torch.zeros(n, dtype=torch.bool)
-    attack = cfg.pgd_steps > 0
+    attacks = [a for a in cfg.attacks if not (a == "pgd" and cfg.pgd_steps == 0)]
+    counts = {a: n if a != "autoattack" or cfg.autoattack_n_samples is None else min(n, cfg.autoattack_n_samples)
+              for a in attacks}
+    runs = [(a, threat.eps) for a in attacks]
+    runs += [(f"pgd@{f:g}", f * threat.eps) for f in cfg.pgd_eps_fractions if "pgd" in attacks]
+    clean = torch.zeros(n, dtype=torch.bool)
+    survived = {name: torch.zeros(counts.get(name.split("@")[0], n), dtype=torch.bool) for name, _ in runs}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             x, y = test.x[start:stop].to(device), test.y[start:stop].to(device)
             with torch.inference_mode():
-                clean = model(x).argmax(1) == y
-            robust = clean.clone()
-            if attack:
-                x_adv = pgd(model, x, y, threat.eps, cfg.pgd_steps, cfg.pgd_step_size, cfg.pgd_restarts, threat.norm)
+                correct = model(x).argmax(1) == y
+            clean[start:stop] = correct.cpu()
+            for name, eps in runs:
+                end = min(stop, len(survived[name]))
+                if end <= start:
+                    continue
+                x_adv = _run_attack(name.split("@")[0], model, x[:end - start], y[:end - start], eps, threat, cfg,
+                                    seed)
                 with torch.inference_mode():
-                    robust &= model(x_adv).argmax(1) == y
-            clean_correct[start:stop] = clean.cpu()
-            robust_correct[start:stop] = robust.cpu()
+                    held = model(x_adv).argmax(1) == y[:end - start]
+                survived[name][start:end] = (held & correct[:end - start]).cpu()
     verified = verify_all(model, test, threat, cfg, n, batch_size)
+    smoothing = smoothing_figures(model, test, cfg, n, seed)
     model.train(was_training)
+
+    def accuracy(flags: torch.Tensor | None) -> float | None:
+        return int(flags.sum()) / len(flags) if flags is not None and len(flags) else None
+
     metrics = {
-        "benign_acc": int(clean_correct.sum()) / n if n else None,
-        "pgd_acc": int(robust_correct.sum()) / n if (n and attack) else None,
-        "autoattack_acc": None,
+        "benign_acc": accuracy(clean),
+        "pgd_acc": accuracy(survived.get("pgd")),
+        "autoattack_acc": accuracy(survived.get("autoattack")),
+        "attack_acc": {name: accuracy(flags) for name, flags in survived.items()},
         "verified_acc": None,
         "verified_by": {},
+        "smoothing": smoothing,
         "n_eval": n,
+        "n_autoattack_eval": counts.get("autoattack"),
         "n_verified_eval": None,
+        "warnings": consistency_warnings(clean, survived, cfg.pgd_eps_fractions),
     }
     if verified:
-        check_invariants(verified, clean_correct, robust_correct)
+        held_all = clean.clone()
+        for flags in survived.values():
+            held_all[:len(flags)] &= flags  # held against every attack that ran on the sample
+        check_invariants(verified, clean, held_all)
         union = torch.stack(list(verified.values())).any(0)
         n_verify = len(union)
         metrics.update(verified_acc=int(union.sum()) / n_verify if n_verify else None, n_verified_eval=n_verify,
                        verified_by={k: int(v.sum()) / n_verify for k, v in verified.items()} if n_verify else {})
     return metrics
+
+
+def consistency_warnings(clean: torch.Tensor, survived: dict[str, torch.Tensor], fractions) -> list[str]:
+    """Messages for every ordering a correct evaluation must respect and this one does not (compared on the
+    samples both attacks ran on)."""
+    warnings = []
+
+    def compare(weak: str, strong: str, why: str) -> None:
+        if weak not in survived or strong not in survived:
+            return
+        count = min(len(survived[weak]), len(survived[strong]))
+        a, b = int(survived[weak][:count].sum()), int(survived[strong][:count].sum())
+        if b > a:
+            warnings.append(f"{strong} accuracy {b}/{count} exceeds {weak} accuracy {a}/{count} on the same samples: "
+                            f"{why}")
+
+    masking = "a sign of gradient masking or a weak attack"
+    compare("pgd", "autoattack", masking)
+    compare("fgsm", "pgd", masking)
+    for f in fractions:
+        compare(f"pgd@{f:g}", "pgd", f"accuracy rose from {f:g}·ε to ε; {masking}")
+    for name, flags in survived.items():
+        if bool((flags & ~clean[:len(flags)]).any()):  # robust implies clean by construction: a bug if not
+            warnings.append(f"{name} counts a misclassified sample as robust")
+    return warnings
+
+
+def smoothing_figures(model: nn.Module, test: Split, cfg: EvalConfig, n: int, seed: int) -> dict | None:
+    """Randomized-smoothing certified accuracy at ``smoothing_radii`` (None when ``smoothing_sigma`` is unset)."""
+    if cfg.smoothing_sigma is None:
+        return None
+    from robustprune.smoothing import certified_accuracy, certify
+
+    device = next(model.parameters()).device
+    count = n if cfg.smoothing_n_samples is None else min(n, cfg.smoothing_n_samples)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x, y = test.x[:count].to(device), test.y[:count].to(device)
+    result = certify(model, x, cfg.smoothing_sigma, cfg.smoothing_n0, cfg.smoothing_n, cfg.smoothing_alpha,
+                     generator=generator)
+    return {"sigma": cfg.smoothing_sigma, "n": cfg.smoothing_n, "alpha": cfg.smoothing_alpha, "n_certified": count,
+            "certified_acc": {f"{r:g}": certified_accuracy(result, y, r) for r in cfg.smoothing_radii},
+            "abstained": int((result.prediction < 0).sum()) / count if count else None}
 
 
 def verify_all(model: nn.Module, test: Split, threat: ThreatConfig, cfg: EvalConfig, n: int,
@@ -99,7 +176,7 @@ def verify_all(model: nn.Module, test: Split, threat: ThreatConfig, cfg: EvalCon
 def check_invariants(verified: dict[str, torch.Tensor], clean: torch.Tensor, robust: torch.Tensor) -> None:
     for method, flags in verified.items():
         count = len(flags)
-        for name, correct in (("misclassified clean", clean[:count]), ("broken by PGD", robust[:count])):
+        for name, correct in (("misclassified clean", clean[:count]), ("broken by an attack", robust[:count])):
             bad = (flags & ~correct).nonzero().flatten()
             if len(bad):
                 raise SoundnessError(f"{len(bad)} sample(s) verified by {method} but {name} (first: test index "

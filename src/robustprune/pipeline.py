@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from robustprune import __version__
-from robustprune.attacks import BALLS
+from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig
 from robustprune.data import DATASETS, Dataset, load_dataset
@@ -45,6 +45,8 @@ def check_names(cfg: Config) -> None:
     BALLS.get(cfg.threat.norm)
     for method in cfg.evaluate.verifiers:
         VERIFIERS.get(method)
+    for attack in cfg.evaluate.attacks:
+        ATTACKS.get(attack)
     resolve_device(cfg.device)
 
 
@@ -68,7 +70,8 @@ def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
     """The objective named by ``cfg`` (``create`` hands it the settings it takes; the rest are for other objectives)."""
     settings = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
                 "random_start": cfg.random_start, "norm": threat.norm, "kappa_start": cfg.kappa_start,
-                "kappa_end": cfg.kappa_end, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
+                "kappa_end": cfg.kappa_end, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+                "trades_beta": cfg.trades_beta, "mart_lambda": cfg.mart_lambda, "noise_sd": cfg.noise_sd}
     return create(cfg.name, **settings)
 
 
@@ -172,7 +175,9 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
         s = stages[stage]
         pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("pgd_acc", "verified_acc"))
         log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}  "
-            f"verified {verified}")
+            f"verified {verified}" + ("" if s["autoattack_acc"] is None else f"  AutoAttack {s['autoattack_acc']:.3f}"))
+        for warning in s["warnings"]:
+            log(f"warning: {stage}: {warning}")
 
     log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}")
     timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))

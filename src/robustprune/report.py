@@ -8,8 +8,9 @@ from typing import Any
 from robustprune.fileio import write_json, write_text
 
 STAGES = ("pretrained", "pruned", "finetuned")
-STAGE_FIELDS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "params_prunable",
-                "params_nonzero", "compression", "sparsity", "n_eval", "n_verified_eval")
+STAGE_FIELDS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "attack_acc", "smoothing",
+                "params_prunable", "params_nonzero", "compression", "sparsity", "n_eval", "n_autoattack_eval",
+                "n_verified_eval", "warnings")
 RETAINED = {"benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
 
 
@@ -43,6 +44,7 @@ def build_report(version: str, config: dict, stages: dict[str, dict], timing: di
         "retention": retention(stages),
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
         "artifacts": artifacts,
+        "warnings": [f"{name}: {w}" for name in STAGES if name in stages for w in stages[name].get("warnings") or []],
     })
 
 
@@ -65,6 +67,18 @@ def stage_table(report: dict) -> str:
         counts = {s.get("n_verified_eval") for s in report["stages"].values()} - {None}
         lines.append(f"\nVerified by method (first {', '.join(map(str, sorted(counts)))} samples): "
                      + "; ".join(by_method))
+    aa_counts = {s.get("n_autoattack_eval") for s in report["stages"].values()} - {None}
+    if aa_counts and aa_counts != {s.get("n_eval") for s in report["stages"].values()}:
+        lines.append(f"\nAutoAttack on the first {', '.join(map(str, sorted(aa_counts)))} samples.")
+    smoothing = [(name, s["smoothing"]) for name, s in report["stages"].items() if s.get("smoothing")]
+    if smoothing:
+        first = smoothing[0][1]
+        lines.append(f"\nRandomized smoothing (σ = {first['sigma']:g}, n = {first['n']}, α = {first['alpha']:g}, "
+                     f"first {first['n_certified']} samples), certified accuracy at L2 radius: "
+                     + "; ".join(f"{name}: " + ", ".join(f"r={r} {_pct(v)}" for r, v in fig["certified_acc"].items())
+                                 for name, fig in smoothing))
+    if report.get("warnings"):
+        lines.append("\nWarnings:\n" + "\n".join(f"- {w}" for w in report["warnings"]))
     r = report.get("retention") or {}
     kept = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if v is not None)
     if kept:

@@ -2,11 +2,16 @@
 
 Threat model: ``norm`` ball of radius ``eps`` around ``x`` ∩ [0, 1]. Inputs ``x`` (B, C, H, W) in [0, 1], labels
 ``y`` (B,). Returns ``x_adv`` of the same shape, inside the ball. With ``restarts`` > 1 each sample keeps its worst
-case over the restarts: a misclassifying point if any restart found one, else the point of highest loss.
+case over the restarts: a point where the attack succeeded if any restart found one, else the point of highest loss.
+
+Losses (``loss``): ``ce`` (cross-entropy) or ``margin`` (Carlini & Wagner's: max_{j≠y} z_j − z_y, which does not
+saturate when the softmax does — the usual cure for a model whose cross-entropy gradients vanish). ``target``
+(B,) makes the attack targeted: it descends the loss of the target class (CE) or ascends z_t − max_{j≠t} z_j
+(margin), and succeeds when the model predicts the target.
 
 Example::
 
-    x_adv = pgd(model, x, y, eps=0.3, steps=50, restarts=5)
+    x_adv = pgd(model, x, y, eps=0.3, steps=50, restarts=5, loss="margin")
     robust_acc = (model(x_adv).argmax(1) == y).float().mean()
 """
 from __future__ import annotations
@@ -16,11 +21,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.attacks.geometry import BALLS
+from robustprune.errors import UserError
+
+LOSSES = ("ce", "margin")
 
 
 def default_step_size(eps: float, steps: int) -> float:
     """Madry et al.'s choice: 2.5 ε / steps, so the walk can cross the ball from any start."""
     return 2.5 * eps / max(steps, 1)
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", target: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Per-sample loss the attack ascends (B,): higher is closer to success."""
+    if loss not in LOSSES:
+        raise UserError(f"unknown attack loss {loss!r} (choose from {', '.join(LOSSES)})")
+    if target is None:
+        if loss == "ce":
+            return F.cross_entropy(logits, y, reduction="none")
+        return _best_other(logits, y) - logits.gather(1, y[:, None]).squeeze(1)
+    if loss == "ce":
+        return -F.cross_entropy(logits, target, reduction="none")
+    return logits.gather(1, target[:, None]).squeeze(1) - _best_other(logits, target)
+
+
+def _best_other(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """max_{j ≠ label} z_j per sample."""
+    return logits.scatter(1, label[:, None], float("-inf")).max(1).values
+
+
+def succeeded(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample: untargeted, the prediction is not y; targeted, the prediction is the target."""
+    prediction = logits.argmax(1)
+    return prediction != y if target is None else prediction == target
 
 
 def pgd(
@@ -33,36 +66,50 @@ def pgd(
     restarts: int = 1,
     norm: str = "linf",
     random_start: bool = True,
+    loss: str = "ce",
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Untargeted PGD on the cross-entropy loss; the model's mode (train/eval) is left as the caller set it."""
+    """PGD on ``loss`` (untargeted, or towards ``target``); the model's mode is left as the caller set it."""
     ball = BALLS.get(norm)()
     step_size = default_step_size(eps, steps) if step_size is None else step_size
+    if loss not in LOSSES:
+        raise UserError(f"unknown attack loss {loss!r} (choose from {', '.join(LOSSES)})")
     if eps == 0 or steps == 0:
         return x.detach().clone()
-    best_adv, best_loss, best_fooled = x.detach().clone(), None, None
+    best_adv, best_loss, best_done = x.detach().clone(), None, None
     for _ in range(restarts):
-        x_adv = _pgd_once(model, x, y, ball, eps, steps, step_size, random_start)
+        x_adv = _pgd_once(model, x, y, ball, eps, steps, step_size, random_start, loss, target)
         with torch.no_grad():
             logits = model(x_adv)
-            loss = F.cross_entropy(logits, y, reduction="none")
-            fooled = logits.argmax(1) != y
+            value = attack_loss(logits, y, loss, target)
+            done = succeeded(logits, y, target)
         if best_loss is None:
-            best_adv, best_loss, best_fooled = x_adv, loss, fooled
+            best_adv, best_loss, best_done = x_adv, value, done
             continue
-        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
-        best_adv = torch.where(better.view(-1, 1, 1, 1), x_adv, best_adv)
-        best_loss = torch.where(better, loss, best_loss)
-        best_fooled = best_fooled | fooled
+        better = (done & ~best_done) | ((done == best_done) & (value > best_loss))
+        best_adv = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_adv)
+        best_loss = torch.where(better, value, best_loss)
+        best_done = best_done | done
     return best_adv
 
 
-def _pgd_once(model, x, y, ball, eps: float, steps: int, step_size: float, random_start: bool) -> torch.Tensor:
+def _pgd_once(model, x, y, ball, eps: float, steps: int, step_size: float, random_start: bool, loss: str,
+              target: torch.Tensor | None) -> torch.Tensor:
     x = x.detach()
     x_adv = ball.project(ball.random_start(x, eps), x, eps) if random_start else x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        value = attack_loss(model(x_adv), y, loss, target).sum()
         # Only the input gradient: autograd skips every weight-gradient kernel.
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        (grad,) = torch.autograd.grad(value, x_adv)
         x_adv = ball.project(ball.step(x_adv.detach(), grad, step_size), x, eps)
     return x_adv.detach()
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", loss: str = "ce",
+         target: torch.Tensor | None = None) -> torch.Tensor:
+    """Goodfellow et al. (2015)'s fast gradient sign method: one step of size ε from the clean point (for L2, one
+    normalised-gradient step of length ε), projected to the ball ∩ [0, 1]. A weak attack, kept as the baseline
+    that gradient masking fools first."""
+    return pgd(model, x, y, eps, steps=1, step_size=eps, restarts=1, norm=norm, random_start=False, loss=loss,
+               target=target)

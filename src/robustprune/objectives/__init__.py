@@ -6,7 +6,7 @@ from typing import Any
 
 from robustprune.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
-from robustprune.objectives import benign, certified, pgd  # noqa: F401  (registration)
+from robustprune.objectives import benign, certified, fast, mart, pgd, smooth, trades  # noqa: F401  (registration)
 
 
 def _settings(cls: type) -> set[str]:
