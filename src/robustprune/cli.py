@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="benign and PGD accuracy of a checkpoint")
     p.add_argument("checkpoint")
     _add_config_args(p)
+    p.add_argument("--attacks", help="comma-separated attacks to run, e.g. pgd,fgsm,autoattack "
+                                     "(robustprune list attacks; same as --set evaluate.attacks=[...])")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     p = sub.add_parser("export", help="write a checkpoint as a sparse, slim or ONNX artefact")
@@ -182,6 +184,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from robustprune.report import finite, stage_table
 
     meta = read_metadata(args.checkpoint)
+    if args.attacks is not None:
+        args.overrides = [*args.overrides, f"evaluate.attacks=[{args.attacks}]"]
     cfg = _checkpoint_config(args, meta)
     pipeline, data, _, device = _stage_setup(cfg)
     model = load(args.checkpoint, device)
