@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(robustprune list attacks; same as --set evaluate.attacks=[...])")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    p = sub.add_parser("sweep", help="accuracy against compression for objective pairs and rules (resumable)")
+    _add_config_args(p)
+    p.add_argument("--compression", required=True, help="comma-separated compressions, e.g. 1,2,5,10,20,50,100")
+    p.add_argument("--pretrain-objectives", help="comma-separated (default: the config's objective)")
+    p.add_argument("--finetune-objectives", help="comma-separated (default: the config's fine-tuning objective)")
+    p.add_argument("--rules", help="comma-separated pruning rules (default: the config's)")
+    p.add_argument("--out", help="sweep folder (default: sweeps/<config name>); run again to resume")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("report", help="re-render the plots and markdown of a run or sweep folder")
+    p.add_argument("folder")
+
     p = sub.add_parser("export", help="write a checkpoint as a sparse, slim or ONNX artefact")
     p.add_argument("checkpoint")
     p.add_argument("--format", required=True, choices=("sparse", "slim", "onnx"),
@@ -197,6 +209,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                            "warnings": [f"{meta.get('stage', 'model')}: {w}" for w in metrics["warnings"]]}))
 
 
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from robustprune.sweep import sweep
+
+    try:
+        compressions = [float(c) for c in _names(args.compression)]
+    except ValueError:
+        raise UserError(f"--compression takes numbers separated by commas, got {args.compression!r}") from None
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("sweeps") / cfg.name
+    sweep(cfg, out, compressions, _names(args.pretrain_objectives), _names(args.finetune_objectives),
+          _names(args.rules), quiet=args.quiet)
+    print(f"\nsweep folder: {out} (sweep.md, sweep.json, plots/)")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from robustprune.report import rerender
+
+    for path in rerender(args.folder):
+        print(path)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
 
@@ -242,7 +279,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune": _cmd_finetune,
-            "evaluate": _cmd_evaluate, "export": _cmd_export, "inspect": _cmd_inspect, "list": _cmd_list}
+            "evaluate": _cmd_evaluate, "export": _cmd_export, "inspect": _cmd_inspect,
+            "sweep": _cmd_sweep, "report": _cmd_report, "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

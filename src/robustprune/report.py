@@ -100,10 +100,51 @@ def render_markdown(report: dict) -> str:
         f"pruning `{cfg['prune']['rule']}` ({cfg['prune']['scope']}), threat {threat['norm']} ε = {threat['eps']:g}, "
         f"PGD-{cfg['evaluate']['pgd_steps']} × {cfg['evaluate']['pgd_restarts']} restart(s) for evaluation.\n\n"
         f"{stage_table(report)}\n\nTiming: {timing}.\n"
+        + "".join(f"\n![{Path(p).stem}](plots/{Path(p).name})\n"
+                  for p in (report.get("artifacts") or {}).get("plots", []))
     )
 
 
 def write_report(out_dir: str | Path, report: dict) -> None:
+    """report.json, the plots (``plots/``) and report.md embedding them."""
+    from robustprune.plots import run_plots
+
     out_dir = Path(out_dir)
+    artifacts = report.setdefault("artifacts", {})
+    artifacts["plots"] = [str(p) for p in run_plots(report, out_dir)]
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", render_markdown(report))
+
+
+def rerender(folder: str | Path) -> list[Path]:
+    """``robustprune report``: the plots and markdown of a run folder (report.json) or a sweep folder (sweep.json)
+    written again from the stored JSON, without running anything."""
+    from robustprune.errors import UserError
+    from robustprune.plots import sweep_plots
+    from robustprune.sweep import render_sweep
+
+    folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        result = _read_json(folder / "sweep.json")
+        result["plots"] = [str(p) for p in sweep_plots(result, folder / "plots")]
+        write_json(folder / "sweep.json", result)
+        write_text(folder / "sweep.md", render_sweep(result, folder))
+        return [folder / "sweep.md", *map(Path, result["plots"])]
+    if (folder / "report.json").is_file():
+        report = _read_json(folder / "report.json")
+        write_report(folder, report)
+        return [folder / "report.md", *map(Path, report["artifacts"]["plots"])]
+    raise UserError(f"{folder}: no report.json or sweep.json (give a run or sweep folder)")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    from robustprune.errors import UserError
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None

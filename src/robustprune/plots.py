@@ -1,0 +1,134 @@
+"""PNG plots of runs and sweeps (matplotlib, object API and the Agg canvas: no global pyplot state, no display).
+
+- sweep: accuracy (benign / PGD / AutoAttack / verified, whichever were measured) against compression on a log
+  axis, one line per pre-training → fine-tuning objective pair and rule, the dense model as a dashed reference line;
+  and retention (fraction of the dense value kept) against compression.
+- run: the accuracies of the three stages as grouped bars, and the training curves (loss, train accuracy per epoch)
+  of ``metrics.jsonl``.
+Every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from robustprune.fileio import atomic_path
+
+METRICS = (("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
+           ("verified_acc", "verified"))
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def _measured(records: list[dict]) -> list[tuple[str, str]]:
+    return [(k, label) for k, label in METRICS if any(r.get(k) is not None for r in records)]
+
+
+def _series(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    lines: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        lines.setdefault((r["pretrain"], r["finetune"], r["rule"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["compression"]) for k, v in lines.items()}
+
+
+def sweep_plots(result: dict, folder: Path) -> list[Path]:
+    """accuracy.png and retention.png of a sweep record (``sweep.sweep``)."""
+    records = result["points"]
+    measured = _measured(records)
+    if not records or not measured:
+        return []
+    series = _series(records)
+    several_rules = len({r["rule"] for r in records}) > 1
+    paths = []
+    for kind in ("accuracy", "retention"):
+        figure = Figure(figsize=(4.2 * len(measured), 3.6))
+        axes = figure.subplots(1, len(measured), squeeze=False)[0]
+        for ax, (key, label) in zip(axes, measured):
+            for (pre, ft, rule), rows in series.items():
+                dense = result["dense"].get(pre, {}).get(key)
+                xs = [r["compression"] for r in rows if r.get(key) is not None]
+                ys = [r[key] for r in rows if r.get(key) is not None]
+                if kind == "retention":
+                    xs, ys = ([], []) if not dense else (xs, [y / dense for y in ys])
+                name = f"{pre} → {ft}" + (f" ({rule})" if several_rules else "")
+                ax.plot(xs, ys, marker="o", label=name)
+            if kind == "accuracy":
+                for pre in dict.fromkeys(r["pretrain"] for r in records):
+                    dense = result["dense"].get(pre, {}).get(key)
+                    if dense is not None:
+                        ax.axhline(dense, linestyle="--", linewidth=1, color="gray")
+                        ax.annotate(f"dense ({pre})", (1, dense), fontsize=7, color="gray",
+                                    xytext=(2, 2), textcoords="offset points")
+            else:
+                ax.axhline(1.0, linestyle="--", linewidth=1, color="gray")
+            ax.set_xscale("log")
+            ax.set_xlabel("compression (×)")
+            ax.set_ylabel(f"{label} accuracy" if kind == "accuracy" else f"{label} kept (fraction of dense)")
+            ax.set_title(label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=7)
+        figure.suptitle(f"{result['config']['model']['name']} on {result['config']['data']['name']}, "
+                        f"{result['threat']['norm']} ε = {result['threat']['eps']:g}")
+        paths.append(_save(figure, folder / f"{kind}.png"))
+    return paths
+
+
+def run_plots(report: dict, run_dir: Path) -> list[Path]:
+    """stages.png (accuracy per stage) and, when metrics.jsonl has epochs, training.png, in ``run_dir/plots``."""
+    stages = report.get("stages") or {}
+    measured = _measured(list(stages.values()))
+    paths = []
+    if stages and measured:
+        figure = Figure(figsize=(6, 3.6))
+        ax = figure.subplots()
+        width = 0.8 / len(measured)
+        for i, (key, label) in enumerate(measured):
+            xs = [j + i * width for j in range(len(stages))]
+            ax.bar(xs, [s.get(key) or 0 for s in stages.values()], width, label=label)
+        ax.set_xticks([j + width * (len(measured) - 1) / 2 for j in range(len(stages))])
+        ax.set_xticklabels([f"{name}\n{s.get('compression') or 1:.0f}×" for name, s in stages.items()])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        paths.append(_save(figure, run_dir / "plots" / "stages.png"))
+    epochs = _epochs(run_dir / "metrics.jsonl")
+    if epochs:
+        figure = Figure(figsize=(9, 3.4))
+        loss_ax, acc_ax = figure.subplots(1, 2)
+        step = 0
+        for stage in dict.fromkeys(e["stage"] for e in epochs):
+            rows = [e for e in epochs if e["stage"] == stage]
+            xs = list(range(step + 1, step + len(rows) + 1))
+            loss_ax.plot(xs, [e["loss"] for e in rows], label=stage)
+            acc_ax.plot(xs, [e["train_acc"] for e in rows], label=stage)
+            step += len(rows)
+        loss_ax.set_ylabel("training loss")
+        acc_ax.set_ylabel("training accuracy (on the objective's inputs)")
+        for ax in (loss_ax, acc_ax):
+            ax.set_xlabel("epoch (all stages in order)")
+            ax.grid(True, alpha=0.3)
+        acc_ax.legend(fontsize=8)
+        paths.append(_save(figure, run_dir / "plots" / "training.png"))
+    return paths
+
+
+def _epochs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interruption: the rest still plots
+            continue
+        if {"stage", "loss", "train_acc"} <= set(row):
+            rows.append(row)
+    return rows

@@ -1,0 +1,188 @@
+"""Sweeps: the seed's study as one command — accuracy as compression grows, per pre-training objective, fine-tuning
+objective and pruning rule.
+
+Each pre-training objective trains once (``pretrained-<objective>.safetensors``, its evaluation stored inside) and
+every point reuses it: load, prune to the point's compression with the point's rule, fine-tune with the point's
+objective, evaluate with the config's evaluation. A finished point is a JSON file in ``points/``, written atomically;
+running the same sweep again skips every point (and pre-training) already on disk, so an interrupted sweep resumes
+where it stopped. ``sweep.json`` holds one record per point (the report.json stage fields plus the point's
+settings), ``sweep.md`` the tables, and ``plots/`` the PNGs (``plots.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from robustprune import __version__
+from robustprune.config import Config
+from robustprune.errors import UserError
+from robustprune.export import load, read_metadata, save
+from robustprune.fileio import write_json, write_text
+from robustprune.report import STAGE_FIELDS, finite
+
+Log = Callable[[str], None]
+METRICS = (("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
+           ("verified_acc", "verified"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    pretrain: str
+    finetune: str
+    rule: str
+    compression: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.pretrain}--{self.finetune}--{self.rule}--{self.compression:g}x"
+
+
+def points(compressions: Sequence[float], pretrain: Sequence[str], finetune: Sequence[str],
+           rules: Sequence[str]) -> list[Point]:
+    return [Point(p, f, r, float(c)) for p in pretrain for f in finetune for r in rules for c in compressions]
+
+
+def point_config(cfg: Config, point: Point) -> Config:
+    """The run config of one point: its rule and compression, its fine-tuning objective (same settings)."""
+    prune = dataclasses.replace(cfg.prune, rule=point.rule, compression=point.compression, sparsity=None)
+    finetune_objective = dataclasses.replace(cfg.finetune_objective or cfg.objective, name=point.finetune)
+    objective = dataclasses.replace(cfg.objective, name=point.pretrain)
+    return dataclasses.replace(cfg, prune=prune, objective=objective, finetune_objective=finetune_objective)
+
+
+def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain: Sequence[str] = (),
+          finetune: Sequence[str] = (), rules: Sequence[str] = (), *, quiet: bool = False,
+          log: Log = print) -> dict:
+    """Run (or resume) the sweep into ``out``; returns the sweep record (also written as sweep.json / sweep.md)."""
+    from robustprune import pipeline
+    from robustprune.plots import sweep_plots
+
+    pretrain = list(pretrain) or [cfg.objective.name]
+    finetune = list(finetune) or [(cfg.finetune_objective or cfg.objective).name]
+    rules = list(rules) or [cfg.prune.rule]
+    if not compressions or any(c < 1 for c in compressions):
+        raise UserError("--compression needs values >= 1, e.g. 1,2,5,10")
+    todo = points(compressions, pretrain, finetune, rules)
+    for point in todo:  # every name and budget is checked before anything runs
+        pipeline.check_names(point_config(cfg, point))
+    data = pipeline.load_data(cfg)
+    for point in todo:
+        if point.compression > 1:
+            pipeline.check_prunable(point_config(cfg, point), data)
+    out = Path(out)
+    _check_same_sweep(out, cfg)
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dense = {name: _pretrained(cfg, name, data, out, quiet, log) for name in pretrain}
+    records = []
+    for index, point in enumerate(todo, start=1):
+        path = out / "points" / f"{point.key}.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            log(f"[{index}/{len(todo)}] {point.key}: done before, skipped")
+            continue
+        started = time.perf_counter()
+        record = _run_point(cfg, point, dense[point.pretrain]["checkpoint"], data, quiet)
+        record["time_s"] = round(time.perf_counter() - started, 2)
+        write_json(path, finite(record))
+        records.append(record)
+        log(f"[{index}/{len(todo)}] {point.key}: " + "  ".join(
+            f"{label} {record[key]:.3f}" for key, label in METRICS if record.get(key) is not None)
+            + f"  ({record['time_s']:.1f} s)")
+    result = finite({"robustprune_version": __version__, "config": cfg.to_dict(),
+                     "threat": {"norm": cfg.threat.norm, "eps": cfg.threat.eps},
+                     "dense": {name: d["metrics"] for name, d in dense.items()}, "points": records})
+    result["plots"] = [str(p) for p in sweep_plots(result, out / "plots")]
+    write_json(out / "sweep.json", result)
+    write_text(out / "sweep.md", render_sweep(result, out))
+    return result
+
+
+def _check_same_sweep(out: Path, cfg: Config) -> None:
+    """Resuming needs the same config: points computed under another one would be mixed in silently."""
+    stored = out / "config.yaml"
+    if stored.is_file() and yaml.safe_load(stored.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
+        raise UserError(f"{out} holds a sweep with another config; give a new --out or delete the folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+
+
+def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) -> dict:
+    from robustprune import pipeline
+    from robustprune.runtime import resolve_device, seed_everything
+
+    path = out / f"pretrained-{name}.safetensors"
+    if path.is_file():
+        log(f"pre-trained with {name}: {path.name}, done before, reused")
+        return {"checkpoint": path, "metrics": read_metadata(path)["metrics"]}
+    run_cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, name=name))
+    generator = seed_everything(cfg.seed)
+    model = pipeline.new_model(run_cfg, data).to(resolve_device(cfg.device))
+    started = time.perf_counter()
+    pipeline.pretrain(model, run_cfg, data, pipeline.build_objective(run_cfg.objective, cfg.threat),
+                      generator=generator, quiet=quiet)
+    metrics = finite(pipeline.measure(model, run_cfg, data))
+    metrics["time_s"] = round(time.perf_counter() - started, 2)
+    save(model, path, stage="pretrained", config=run_cfg.to_dict(), metrics=metrics)
+    log(f"pre-trained with {name}: benign {metrics['benign_acc']:.3f}"
+        + ("" if metrics.get("pgd_acc") is None else f"  PGD {metrics['pgd_acc']:.3f}")
+        + f"  ({metrics['time_s']:.1f} s)")
+    return {"checkpoint": path, "metrics": metrics}
+
+
+def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -> dict:
+    from robustprune import pipeline
+    from robustprune.runtime import resolve_device, seed_everything
+
+    run_cfg = point_config(cfg, point)
+    generator = seed_everything(cfg.seed)
+    model = load(checkpoint, resolve_device(cfg.device)).train()
+    objective = pipeline.build_objective(run_cfg.finetune_objective, cfg.threat)
+    if point.compression > 1:
+        pipeline.prune_model(model, run_cfg, data, objective, generator=generator, quiet=quiet)
+    pipeline.finetune(model, run_cfg, data, objective, generator=generator, quiet=quiet)
+    metrics = pipeline.measure(model, run_cfg, data)
+    return {**dataclasses.asdict(point), "key": point.key, **{f: metrics.get(f) for f in STAGE_FIELDS}}
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def render_sweep(result: dict, out: Path | None = None) -> str:
+    """sweep.md: one table per pre-training objective and rule (rows: compression; columns: fine-tuning objective ×
+    metric), the dense reference, and the plots."""
+    cfg, records = result["config"], result["points"]
+    lines = [f"# robustprune sweep: {cfg.get('name')}", "",
+             f"Data `{cfg['data']['name']}`, model `{cfg['model']['name']}`, threat {result['threat']['norm']} "
+             f"ε = {result['threat']['eps']:g}; {len(records)} points.", ""]
+    measured = [(k, label) for k, label in METRICS if any(r.get(k) is not None for r in records)]
+    for pre in dict.fromkeys(r["pretrain"] for r in records):
+        for rule in dict.fromkeys(r["rule"] for r in records if r["pretrain"] == pre):
+            rows = [r for r in records if r["pretrain"] == pre and r["rule"] == rule]
+            fts = list(dict.fromkeys(r["finetune"] for r in rows))
+            dense = result["dense"].get(pre, {})
+            lines.append(f"## Pre-trained with `{pre}`, rule `{rule}` (dense: "
+                         + ", ".join(f"{label} {_pct(dense.get(k))}" for k, label in measured) + ")")
+            lines.append("")
+            head = " | ".join(f"{label} (fine-tuned: {ft})" for ft in fts for _, label in measured)
+            lines.append(f"| compression | {head} |")
+            lines.append("|---:|" + "---:|" * (len(fts) * len(measured)))
+            for c in sorted({r["compression"] for r in rows}):
+                cells = []
+                for ft in fts:
+                    match = next((r for r in rows if r["finetune"] == ft and r["compression"] == c), {})
+                    cells += [_pct(match.get(k)) for k, _ in measured]
+                lines.append(f"| {c:g}× | " + " | ".join(cells) + " |")
+            lines.append("")
+    total = sum(r.get("time_s") or 0 for r in records) + sum(d.get("time_s") or 0 for d in result["dense"].values())
+    lines.append(f"Compute: {total:.0f} s in all (pre-training included).")
+    for plot in result.get("plots", []):
+        name = Path(plot).name
+        lines += ["", f"![{name}](plots/{name})"]
+    return "\n".join(lines) + "\n"
