@@ -203,6 +203,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard (extra robustprune[tensorboard])
 
     def __post_init__(self) -> None:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -150,8 +150,12 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     check_prunable(cfg, data)
     check_boundable(cfg, data)
     build_objective(cfg.objective, cfg.threat)
+    if cfg.tensorboard:
+        from robustprune.tensorboard import Scalars, summary_writer_class
+        summary_writer_class()  # a missing extra fails (exit 2) before anything is written
     out = Path(out)
     prepare_out_dir(out, force)
+    scalars = Scalars(out / "tensorboard") if cfg.tensorboard else None
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     generator = seed_everything(cfg.seed)
@@ -160,6 +164,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     objective = build_objective(cfg.objective, cfg.threat)
     ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
     options = {"generator": generator, "metrics_path": out / "metrics.jsonl", "quiet": quiet}
+    if scalars is not None:
+        options["on_epoch"] = scalars.epoch
     stages, timing, meta = {}, {}, {"config": cfg.to_dict()}
     t_start = time.perf_counter()
 
@@ -172,6 +178,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     def checkpoint(stage: str, **extra) -> None:
         stages[stage] = timed("evaluate", lambda: measure(model, cfg, data))
         save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
+        if scalars is not None:
+            scalars.stage(stage, stages[stage])
         s = stages[stage]
         pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("pgd_acc", "verified_acc"))
         log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}  "
@@ -199,6 +207,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     if structured:
         report["structure"] = structure(model)
     write_report(out, report)
+    if scalars is not None:
+        scalars.close()
     log("")
     log(stage_table(report))
     return report

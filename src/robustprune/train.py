@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ def fit(
     generator: torch.Generator | None = None,
     metrics_path: str | Path | None = None,
     quiet: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
@@ -97,5 +99,7 @@ def fit(
         history.append(record)
         if metrics_path is not None:
             append_jsonl(metrics_path, record)
+        if on_epoch is not None:
+            on_epoch(record)
     bar.close()
     return history

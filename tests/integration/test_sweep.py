@@ -108,3 +108,23 @@ def test_bad_sweep_and_report_requests_fail_in_one_line(tmp_path, capsys, argv, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_tensorboard_scalars_sit_beside_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run(load_config(None, [*TINY, "tensorboard=true"]), tmp_path / "run", quiet=True, log=lambda _: None)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"pretrain/loss", "pretrain/train_acc", "finetune/loss", "eval/benign_acc", "eval/pgd_acc"} <= tags
+    losses = [e.value for e in events.Scalars("pretrain/loss")]
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([e["loss"] for e in epochs if e["stage"] == "pretrain"])
+
+
+def test_tensorboard_without_the_extra_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UserError, match=r"robustprune\[tensorboard\]"):
+        run(load_config(None, [*TINY, "tensorboard=true"]), tmp_path / "run", quiet=True, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
