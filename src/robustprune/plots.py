@@ -48,9 +48,13 @@ def sweep_plots(result: dict, folder: Path) -> list[Path]:
     several_rules = len({r["rule"] for r in records}) > 1
     paths = []
     for kind in ("accuracy", "retention"):
-        figure = Figure(figsize=(4.2 * len(measured), 3.6))
-        axes = figure.subplots(1, len(measured), squeeze=False)[0]
-        for ax, (key, label) in zip(axes, measured):
+        shown = measured if kind == "accuracy" else [  # a retention needs a nonzero dense value to divide by
+            (k, label) for k, label in measured if any(d.get(k) for d in result["dense"].values())]
+        if not shown:
+            continue
+        figure = Figure(figsize=(4.2 * len(shown), 3.6), layout="constrained")
+        axes = figure.subplots(1, len(shown), squeeze=False)[0]
+        for ax, (key, label) in zip(axes, shown):
             for (pre, ft, rule), rows in series.items():
                 dense = result["dense"].get(pre, {}).get(key)
                 xs = [r["compression"] for r in rows if r.get(key) is not None]

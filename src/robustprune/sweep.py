@@ -105,8 +105,11 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
 
 def _check_same_sweep(out: Path, cfg: Config) -> None:
     """Resuming needs the same config: points computed under another one would be mixed in silently."""
+    from robustprune.config import load_config
+
     stored = out / "config.yaml"
-    if stored.is_file() and yaml.safe_load(stored.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
+    # read back through load_config: settings added by a newer robustprune take their defaults on both sides
+    if stored.is_file() and load_config(stored).to_dict() != cfg.to_dict():
         raise UserError(f"{out} holds a sweep with another config; give a new --out or delete the folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -147,7 +150,9 @@ def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -
         pipeline.prune_model(model, run_cfg, data, objective, generator=generator, quiet=quiet)
     pipeline.finetune(model, run_cfg, data, objective, generator=generator, quiet=quiet)
     metrics = pipeline.measure(model, run_cfg, data)
-    return {**dataclasses.asdict(point), "key": point.key, **{f: metrics.get(f) for f in STAGE_FIELDS}}
+    # the point's nominal compression names it; the measured one (whole weights) is kept beside it
+    return {**{f: metrics.get(f) for f in STAGE_FIELDS}, **dataclasses.asdict(point), "key": point.key,
+            "measured_compression": metrics.get("compression")}
 
 
 def _pct(value) -> str:

@@ -39,6 +39,7 @@ def test_a_sweep_writes_records_tables_and_plots(tiny_sweep):
         assert record["finetune"] == "pgd" and record["compression"] in (1.0, 4.0)
         assert 0 <= record["pgd_acc"] <= record["benign_acc"] <= 1
         assert record["compression"] == 1.0 or record["sparsity"] == pytest.approx(0.75, abs=0.01)
+        assert record["measured_compression"] == pytest.approx(record["compression"], rel=0.01)
     assert set(stored["dense"]) == {"benign", "pgd"}
     table = (out / "sweep.md").read_text()
     assert "Pre-trained with `benign`" in table and "| 4× |" in table and "![accuracy.png](plots/accuracy.png)" in table
