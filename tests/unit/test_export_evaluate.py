@@ -87,3 +87,18 @@ def test_evaluate_is_repeatable(tiny_mlp, tiny_data):
 def test_zero_eps_pgd_equals_benign(tiny_mlp, tiny_data):
     metrics = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.0), EvalConfig(pgd_steps=3))
     assert metrics["pgd_acc"] == metrics["benign_acc"]
+
+
+def test_atomic_writes_get_an_ordinary_files_mode(tmp_path):
+    """The temporary file is private while written; the result follows the umask like any other file."""
+    import os
+
+    from robustprune.fileio import write_text
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        save(create_model("mlp", (1, 4, 4), 2), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
