@@ -28,6 +28,19 @@ def make_tiny_dataset(n_train: int = 64, n_test: int = 32, shape=(1, 6, 6), clas
     return Dataset("tiny", split(n_train), split(n_test), classes)
 
 
+def fit_full_batch(model: nn.Module, data: Dataset, steps: int = 100, lr: float = 1e-2) -> nn.Module:
+    """Adam on the whole (tiny) training split at once; returns the model in eval mode."""
+    import torch.nn.functional as F
+
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(data.train.x), data.train.y)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_data() -> Dataset:
     return make_tiny_dataset()

@@ -15,7 +15,7 @@ from robustprune.models import create_model
 from robustprune.evaluate import SoundnessError, consistency_warnings, evaluate
 from robustprune.report import build_report, stage_table
 
-from conftest import make_tiny_dataset
+from conftest import fit_full_batch, make_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,14 +28,7 @@ def tiny_data():
 @pytest.fixture
 def trained(tiny_data):
     torch.manual_seed(0)
-    model = create_model("mlp", (1, 8, 8), 4)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        loss = F.cross_entropy(model(tiny_data.train.x), tiny_data.train.y)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    return model.eval()
+    return fit_full_batch(create_model("mlp", (1, 8, 8), 4), tiny_data)
 
 
 def run(name: str, model, x, y, eps: float, norm: str = "linf", **options):

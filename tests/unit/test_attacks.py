@@ -4,17 +4,12 @@ import torch.nn.functional as F
 
 from robustprune.attacks import BALLS, pgd
 
+from conftest import fit_full_batch
+
 
 @pytest.fixture
 def trained(tiny_data, tiny_mlp):
-    model = tiny_mlp
-    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        loss = F.cross_entropy(model(tiny_data.train.x), tiny_data.train.y)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    return model.eval()
+    return fit_full_batch(tiny_mlp, tiny_data)
 
 
 @pytest.mark.parametrize("norm", BALLS.names())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import robustprune.objectives.fast as fast_module
 import robustprune.objectives.mart as mart_module
+import robustprune.objectives.pgd as pgd_objective_module
 import robustprune.objectives.trades as trades_module
 from robustprune.attacks import default_step_size, pgd
 from robustprune.config import TrainConfig
@@ -193,7 +194,7 @@ ATTACK_CALLS = [("trades", "trades_adversary", 2, 4), ("mart", "pgd", 3, 5), ("f
 @pytest.mark.parametrize("step_size", [None, 0.04])
 def test_the_step_size_is_scaled_with_the_eps_warmup(monkeypatch, model, batch, name, attribute, eps_at, step_at,
                                                      step_size):
-    module = {"trades": trades_module, "mart": mart_module, "fast": fast_module}[name]
+    module = {"trades": trades_module, "mart": pgd_objective_module, "fast": fast_module}[name]  # mart: PGD's attack
     calls = []
     original = getattr(module, attribute)
 

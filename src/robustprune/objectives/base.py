@@ -5,7 +5,9 @@ asks otherwise). ``forward`` returns the training loss and the logits it was com
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -29,6 +31,11 @@ class Objective(ABC):
     def set_eps_scale(self, scale: float) -> None:
         self.eps_scale = float(min(max(scale, 0.0), 1.0))
 
+    def scaled_step(self, step_size: float | None, default: float) -> float:
+        """An attack step for the current ε: a set ``step_size`` follows the warm-up scale, else ``default``
+        (computed by the caller from the current ε)."""
+        return step_size * self.eps_scale if step_size else default
+
     @abstractmethod
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scalar loss, logits (B, classes)) for a batch; the model is in training mode."""
@@ -41,3 +48,15 @@ class Objective(ABC):
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Attack passes of a training objective run in eval mode (batch-norm statistics are not updated by them); the
+    caller's mode is restored afterwards, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

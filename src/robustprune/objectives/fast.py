@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.attacks.geometry import BALLS
-from robustprune.objectives.base import OBJECTIVES, Objective
+from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
 
 DEFAULT_ALPHA = 1.25  # α = 1.25 ε (Wong et al., 2020)
 
@@ -52,15 +52,13 @@ class FastTraining(Objective):
     @property
     def current_step_size(self) -> float:
         """α for the current ε scale: ``step_size`` × warm-up scale, or 1.25 × current ε."""
-        return self.step_size * self.eps_scale if self.step_size else DEFAULT_ALPHA * self.current_eps
+        return self.scaled_step(self.step_size, DEFAULT_ALPHA * self.current_eps)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.current_eps
         if eps > 0:
-            was_training = model.training
-            model.eval()
-            x = fgsm_random_start(model, x, y, eps, self.current_step_size, self.norm)
-            model.train(was_training)
+            with eval_mode(model):
+                x = fgsm_random_start(model, x, y, eps, self.current_step_size, self.norm)
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 

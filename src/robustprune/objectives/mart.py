@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.geometry import BALLS
-from robustprune.attacks.pgd import default_step_size, pgd
 from robustprune.errors import UserError
-from robustprune.objectives.base import OBJECTIVES, Objective
+from robustprune.objectives.base import OBJECTIVES
+from robustprune.objectives.pgd import PGDTraining
 
 
 def boosted_cross_entropy(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,38 +49,27 @@ def mart_regulariser(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: to
 
 
 @OBJECTIVES.register("mart")
-class MARTTraining(Objective):
+class MARTTraining(PGDTraining):
+    """PGD training's attack, MART's loss on it."""
+
     name = "mart"
 
     def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  norm: str = "linf", mart_lambda: float = 5.0) -> None:
-        super().__init__(eps=eps)
+        super().__init__(eps, steps, step_size, random_start, norm)
         if mart_lambda < 0:
             raise UserError(f"mart_lambda must be >= 0, got {mart_lambda}")
-        BALLS.get(norm)  # an unknown norm fails here, not in the first batch
-        self.steps = int(steps)
-        self.step_size = step_size
-        self.random_start = bool(random_start)
-        self.norm = norm
         self.mart_lambda = float(mart_lambda)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        eps = self.current_eps
-        if eps <= 0:
+        if self.current_eps <= 0:
             logits = model(x)
             return F.cross_entropy(logits, y), logits
-        was_training = model.training
-        model.eval()
-        step = self.step_size * self.eps_scale if self.step_size else default_step_size(eps, self.steps)
-        x_adv = pgd(model, x, y, eps, self.steps, step, norm=self.norm, random_start=self.random_start)
-        model.train(was_training)
-        logits_adv = model(x_adv)
+        logits_adv = model(self.adversarial(model, x, y))
         loss = boosted_cross_entropy(logits_adv, y)
         if self.mart_lambda:
             loss = loss + self.mart_lambda * mart_regulariser(model(x), logits_adv, y)
         return loss, logits_adv
 
     def describe(self) -> dict:
-        return {"name": self.name, "eps": self.eps, "steps": self.steps, "norm": self.norm,
-                "step_size": self.step_size or default_step_size(self.eps, self.steps),
-                "random_start": self.random_start, "mart_lambda": self.mart_lambda}
+        return {**super().describe(), "random_start": self.random_start, "mart_lambda": self.mart_lambda}

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustprune.attacks.geometry import BALLS
 from robustprune.attacks.pgd import default_step_size, pgd
-from robustprune.objectives.base import OBJECTIVES, Objective
+from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
 
 
 @OBJECTIVES.register("pgd")
@@ -20,20 +21,23 @@ class PGDTraining(Objective):
     def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  norm: str = "linf") -> None:
         super().__init__(eps=eps)
+        BALLS.get(norm)  # an unknown norm fails here, not in the first batch
         self.steps = int(steps)
         self.step_size = step_size
         self.random_start = bool(random_start)
         self.norm = norm
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD points at the current ε (x itself at ε = 0), computed in eval mode."""
         eps = self.current_eps
-        if eps > 0:
-            was_training = model.training
-            model.eval()
-            step = self.step_size * self.eps_scale if self.step_size else default_step_size(eps, self.steps)
-            x = pgd(model, x, y, eps, self.steps, step, norm=self.norm, random_start=self.random_start)
-            model.train(was_training)
-        logits = model(x)
+        if eps <= 0:
+            return x
+        step = self.scaled_step(self.step_size, default_step_size(eps, self.steps))
+        with eval_mode(model):
+            return pgd(model, x, y, eps, self.steps, step, norm=self.norm, random_start=self.random_start)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(self.adversarial(model, x, y))
         return F.cross_entropy(logits, y), logits
 
     def describe(self) -> dict:

@@ -29,7 +29,7 @@ from torch import nn
 from robustprune.attacks.geometry import BALLS
 from robustprune.attacks.pgd import default_step_size
 from robustprune.errors import UserError
-from robustprune.objectives.base import OBJECTIVES, Objective
+from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
 
 START_SD = 0.001  # the reference code's start: x + 0.001 · N(0, 1)
 
@@ -76,11 +76,9 @@ class TradesTraining(Objective):
         if eps <= 0 or self.beta == 0:
             logits = model(x)
             return F.cross_entropy(logits, y), logits
-        was_training = model.training
-        model.eval()
-        step = self.step_size * self.eps_scale if self.step_size else default_step_size(eps, self.steps)
-        x_adv = trades_adversary(model, x, eps, self.steps, step, self.norm)
-        model.train(was_training)
+        step = self.scaled_step(self.step_size, default_step_size(eps, self.steps))
+        with eval_mode(model):
+            x_adv = trades_adversary(model, x, eps, self.steps, step, self.norm)
         logits = model(x)
         robust = kl_batchmean(model(x_adv), F.softmax(logits, dim=1))
         return F.cross_entropy(logits, y) + self.beta * robust, logits
