@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import yaml
 
 from robustprune import __version__
-from robustprune.config import Config
+from robustprune.config import Config, load_config
 from robustprune.errors import UserError
 from robustprune.export import load, read_metadata, save
 from robustprune.fileio import write_json, write_text
@@ -71,9 +71,9 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
     for point in todo:  # every name and budget is checked before anything runs
         pipeline.check_names(point_config(cfg, point))
     data = pipeline.load_data(cfg)
-    for point in todo:
-        if point.compression > 1:
-            pipeline.check_prunable(point_config(cfg, point), data)
+    budgets = {(p.rule, p.compression): p for p in todo if p.compression > 1}  # objectives do not change a budget
+    for point in budgets.values():
+        pipeline.check_prunable(point_config(cfg, point), data)
     out = Path(out)
     _check_same_sweep(out, cfg)
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -105,8 +105,6 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
 
 def _check_same_sweep(out: Path, cfg: Config) -> None:
     """Resuming needs the same config: points computed under another one would be mixed in silently."""
-    from robustprune.config import load_config
-
     stored = out / "config.yaml"
     # read back through load_config: settings added by a newer robustprune take their defaults on both sides
     if stored.is_file() and load_config(stored).to_dict() != cfg.to_dict():

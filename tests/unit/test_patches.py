@@ -110,10 +110,15 @@ def test_conv_patch_backward_uses_the_window_matrix_and_the_transposed_convoluti
     assert torch.allclose(by_matrix.values, by_transpose.values, atol=1e-12)
 
 
-def _without_patches(monkeypatch):
+def _both_ways(graph, box, monkeypatch):
+    """Full CROWN bounds of every node with patches, then with convolutions refusing them (dense coefficients)."""
     def refuse(self, positions, x):
         raise NotImplementedError
-    monkeypatch.setattr(Conv2dBound, "unit_patches", refuse)
+
+    with torch.no_grad():
+        with_patches = crown_bounds(graph, box, "crown")
+        monkeypatch.setattr(Conv2dBound, "unit_patches", refuse)
+        return with_patches, crown_bounds(graph, box, "crown")
 
 
 CONV_NETWORKS = [name for name in NETWORKS if "conv" in name or name in (
@@ -124,11 +129,7 @@ CONV_NETWORKS = [name for name in NETWORKS if "conv" in name or name in (
 def test_crown_bounds_are_the_same_with_and_without_patches(name, monkeypatch):
     model, x = make_network(name)
     graph = build_graph(model)
-    box = input_box(x, 0.1)
-    with torch.no_grad():
-        with_patches = crown_bounds(graph, box, "crown")
-        _without_patches(monkeypatch)
-        dense = crown_bounds(graph, box, "crown")
+    with_patches, dense = _both_ways(graph, input_box(x, 0.1), monkeypatch)
     for index in with_patches:
         for got, want in zip(with_patches[index], dense[index]):
             assert torch.allclose(got, want, atol=1e-10), f"{name}: node {graph.nodes[index].name} differs"
@@ -140,10 +141,6 @@ def test_registered_cnns_get_the_same_crown_bounds_with_and_without_patches(mode
     model = create_model(model_name, shape, 10).double().eval()
     x = torch.rand(2, *shape, dtype=torch.float64)
     graph = build_graph(model)
-    box = input_box(x, 0.02)
-    with torch.no_grad():
-        with_patches = crown_bounds(graph, box, "crown")
-        _without_patches(monkeypatch)
-        dense = crown_bounds(graph, box, "crown")
+    with_patches, dense = _both_ways(graph, input_box(x, 0.02), monkeypatch)
     assert torch.allclose(with_patches[graph.output][0], dense[graph.output][0], atol=1e-9)
     assert torch.allclose(with_patches[graph.output][1], dense[graph.output][1], atol=1e-9)

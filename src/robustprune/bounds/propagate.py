@@ -52,8 +52,12 @@ def backward_bound(graph: Graph, start: int, A: torch.Tensor, bounds: dict[int, 
 
 def _chunk(batch: int, bounds: dict[int, Interval], start: int) -> int:
     """Specifications per pass so the widest coefficient tensor stays under MAX_ELEMENTS."""
-    widest = max(b[0][0].numel() for i, b in bounds.items() if i <= start)
-    return max(1, MAX_ELEMENTS // max(1, batch * widest))
+    return max(1, MAX_ELEMENTS // max(1, batch * _widest(bounds, start)))
+
+
+def _widest(bounds: dict[int, Interval], start: int) -> int:
+    """Elements of the largest node map up to ``start``: the size of dense coefficients per specification."""
+    return max(b[0][0].numel() for i, b in bounds.items() if i <= start)
 
 
 def _backward(graph: Graph, pending: dict[int, torch.Tensor | Patches], constant: torch.Tensor,
@@ -135,8 +139,7 @@ def _unit_pass(graph: Graph, index: int, positions: torch.Tensor, bounds: dict[i
             spec = lower.new_zeros(*positions.shape, lower[0].numel())
             spec.scatter_(2, positions.unsqueeze(2), 1.0)
             spec = spec.view(*positions.shape, *lower.shape[1:])
-            widest = max(b[0][0].numel() for i, b in bounds.items() if i <= index)
-            return backward_bound(graph, index, torch.cat([spec, -spec], 1), bounds), widest
+            return backward_bound(graph, index, torch.cat([spec, -spec], 1), bounds), _widest(bounds, index)
     return _backward(graph, {node.inputs[0]: A_in}, torch.cat([bias, -bias], 1), bounds, index - 1)
 
 
