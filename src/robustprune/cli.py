@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: pre-train, prune, fine-tune, evaluate, report")
     _add_config_args(p)
     _add_out_args(p, "run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last finished epoch (same final metrics)")
 
     p = sub.add_parser("train", help="pre-train a dense model → checkpoint")
     _add_config_args(p)
@@ -99,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
 
+    p = sub.add_parser("import", help="an external PyTorch state dict (.pt, loaded weights-only) → checkpoint")
+    p.add_argument("weights", help="a .pt/.pth file holding a state dict of the config's model")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing output checkpoint")
+
+    p = sub.add_parser("download", help="fetch a dataset from its publisher (pinned checksums) into the data root")
+    p.add_argument("name", help="mnist, fashion-mnist, cifar10 or svhn")
+    p.add_argument("--root", help="data root (default: $ROBUSTPRUNE_DATA, else ~/.cache/robustprune)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("kind", choices=LIST_KINDS)
     return parser
@@ -110,9 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> None:
     from robustprune.pipeline import run
 
-    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out RUN_FOLDER (the run to continue)")
+        if args.force:
+            raise UserError("--resume continues a run; --force would delete it (use one or the other)")
+        stored = Path(args.out) / "config.yaml"
+        if not stored.is_file():
+            raise UserError(f"--resume: {args.out} is not a run folder (no config.yaml)")
+        cfg = load_config(args.config or stored, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run(cfg, out, force=args.force, quiet=args.quiet)
+    run(cfg, out, force=args.force, resume=args.resume, quiet=args.quiet)
     print(f"\nrun folder: {out}")
 
 
@@ -265,6 +288,27 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
 
+def _cmd_import(args: argparse.Namespace) -> None:
+    from robustprune.export import save
+    from robustprune.export.external import import_weights
+
+    cfg = load_config(args.config, args.overrides)
+    out = _check_out_file(args.out, args.force)
+    pipeline, data, _, _ = _stage_setup(cfg)
+    model = pipeline.new_model(cfg, data)
+    import_weights(model, args.weights)
+    save(model, out, stage="pretrained", config=cfg.to_dict())
+    print(f"imported {args.weights} as a {cfg.model.name} checkpoint: {out}")
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from robustprune.data.base import resolve_root
+    from robustprune.data.download import download
+
+    folder = download(args.name, resolve_root(args.root), quiet=args.quiet)
+    print(f"{args.name}: {folder}")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from robustprune.attacks import ATTACKS
     from robustprune.bounds import VERIFIERS
@@ -280,7 +324,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune": _cmd_finetune,
             "evaluate": _cmd_evaluate, "export": _cmd_export, "inspect": _cmd_inspect,
-            "sweep": _cmd_sweep, "report": _cmd_report, "list": _cmd_list}
+            "sweep": _cmd_sweep, "report": _cmd_report, "import": _cmd_import, "download": _cmd_download,
+            "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ run exactly the code the pipeline runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -17,17 +18,18 @@ from torch import nn
 from robustprune import __version__
 from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
-from robustprune.config import Config, ObjectiveConfig, ThreatConfig
+from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
 from robustprune.data import DATASETS, Dataset, load_dataset
 from robustprune.errors import UserError
 from robustprune.evaluate import evaluate
-from robustprune.export import save
+from robustprune.export import load, read_metadata, save
 from robustprune.fileio import write_json, write_text
 from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
 from robustprune.pruning import PRUNERS, PruningPlan, attach_learned_scores, hydra, masks, prune, slim, sparsity_report
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, stage_table, write_report
+from robustprune.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
 from robustprune.runtime import resolve_device, seed_everything
 from robustprune.train import fit
 
@@ -143,8 +145,36 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = False, log: Log = print) -> dict:
-    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md)."""
+STAGE_FILES = {"pretrain": "pretrained", "prune": "pruned", "finetune": "finetuned"}
+
+
+def open_for_resume(out: Path, cfg: Config) -> None:
+    """A run folder to continue: it exists, holds this very config and is not finished."""
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"--resume: {out} is not a run folder (no config.yaml)")
+    stored = load_config(out / "config.yaml")
+    if stored.to_dict() != cfg.to_dict():
+        changed = sorted(k for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v)
+        raise UserError(f"--resume: the config differs from {out / 'config.yaml'} in {', '.join(changed)} "
+                        "(a resumed run continues with its own config; drop -c/--set or start a new run)")
+
+
+def resume_point(journal: Journal, out: Path) -> tuple[list[str], Path | None]:
+    """The stages already finished and the stage checkpoint to restart from (None: a fresh model)."""
+    saved = journal.saved
+    if saved is None:
+        return [], None
+    done = list(STAGES[:STAGES.index(saved.stage) + (1 if saved.fit is None else 0)])
+    return done, (out / f"{STAGE_FILES[done[-1]]}.safetensors") if done else None
+
+
+def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
+        log: Log = print) -> dict:
+    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
+
+    After every epoch and stage a journal (``resume.py``) is written; ``resume=True`` continues an interrupted run
+    in ``out`` from it and ends with the metrics an uninterrupted run would have had.
+    """
     check_names(cfg)
     data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
     check_prunable(cfg, data)
@@ -154,19 +184,30 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
         from robustprune.tensorboard import Scalars, summary_writer_class
         summary_writer_class()  # a missing extra fails (exit 2) before anything is written
     out = Path(out)
-    prepare_out_dir(out, force)
+    if resume:
+        open_for_resume(out, cfg)
+        if (out / "report.json").is_file():
+            log(f"{out} is a finished run (report.json exists): nothing to resume")
+            return json.loads((out / "report.json").read_text())
+        remove_stale_temporaries(out)
+    else:
+        prepare_out_dir(out, force)
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    journal = Journal(out, resume=resume)
+    journal.metrics_path = out / "metrics.jsonl"
+    truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
     scalars = Scalars(out / "tensorboard") if cfg.tensorboard else None
-    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model = new_model(cfg, data).to(device)
     objective = build_objective(cfg.objective, cfg.threat)
     ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
-    options = {"generator": generator, "metrics_path": out / "metrics.jsonl", "quiet": quiet}
+    options = {"generator": generator, "metrics_path": out / "metrics.jsonl", "quiet": quiet, "journal": journal}
     if scalars is not None:
         options["on_epoch"] = scalars.epoch
-    stages, timing, meta = {}, {}, {"config": cfg.to_dict()}
+    stages, timing, meta = {}, journal.timing, {"config": cfg.to_dict()}
+    carried = sum(v for k, v in timing.items() if k != "total")
     t_start = time.perf_counter()
 
     def timed(key: str, step: Callable[[], object]) -> object:
@@ -187,16 +228,34 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
         for warning in s["warnings"]:
             log(f"warning: {stage}: {warning}")
 
-    log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}")
-    timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))
-    checkpoint("pretrained")
-    plan = timed("prune", lambda: prune_model(model, cfg, data, objective, **options))
-    checkpoint("pruned", plan=plan.summary())
-    timed("finetune", lambda: finetune(model, cfg, data, ft_objective, **options))
-    checkpoint("finetuned", plan=plan.summary())
-    timing["total"] = time.perf_counter() - t_start
+    done, restart_from = resume_point(journal, out)
+    for stage in done:
+        stages[STAGE_FILES[stage]] = read_metadata(out / f"{STAGE_FILES[stage]}.safetensors")["metrics"]
+    if restart_from is not None:
+        model = load(restart_from, device)
+    if journal.saved is not None and journal.saved.fit is None:
+        journal.restore_boundary(generator)
+    plan = PruningPlan.from_json(json.loads((out / "plan.json").read_text())) if "prune" in done else None
+    log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}"
+        + (f" (resumed after {', '.join(done)})" if done else " (resumed)" if resume else ""))
+    if "pretrain" not in done:
+        journal.begin("pretrain")
+        timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))
+        checkpoint("pretrained")
+        journal.save_boundary("pretrain", generator)
+    if "prune" not in done:
+        journal.begin("prune")
+        plan = timed("prune", lambda: prune_model(model, cfg, data, objective, **options))
+        write_json(out / "plan.json", plan.to_json())
+        checkpoint("pruned", plan=plan.summary())
+        journal.save_boundary("prune", generator)
+    if "finetune" not in done:
+        journal.begin("finetune")
+        timed("finetune", lambda: finetune(model, cfg, data, ft_objective, **options))
+        checkpoint("finetuned", plan=plan.summary())
+        journal.save_boundary("finetune", generator)
+    timing["total"] = carried + time.perf_counter() - t_start
 
-    write_json(out / "plan.json", plan.to_json())
     structured = PRUNERS.get(cfg.prune.rule).structured
     artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
                  "plan": str(out / "plan.json"), "report_md": str(out / "report.md"), "plots": []}
@@ -207,6 +266,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, quiet: bool = Fals
     if structured:
         report["structure"] = structure(model)
     write_report(out, report)
+    journal.finish()
     if scalars is not None:
         scalars.close()
     log("")

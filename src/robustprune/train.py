@@ -20,6 +20,7 @@ from robustprune.data import Split
 from robustprune.fileio import append_jsonl
 from robustprune.objectives import Objective
 from robustprune.objectives.schedules import linear_ramp
+from robustprune.resume import SKIP, Journal
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -56,12 +57,17 @@ def fit(
     metrics_path: str | Path | None = None,
     quiet: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    journal: Journal | None = None,
 ) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
     The objective's ε is 0 for ``cfg.clean_epochs``, then ramped linearly over ``cfg.eps_warmup_epochs`` (then left
     at full scale); objectives derive their other schedules (κ, β) from the same ramp factor.
+
+    With a ``journal`` the state (weights, masks, scores, optimiser, scheduler, RNG) is saved after every epoch, and
+    a resumed run skips or continues this call where the journal says.
     """
+    index = journal.next_fit() if journal is not None else 0
     device = next(model.parameters()).device
     x_all, y_all = train.x.to(device), train.y.to(device)
     n = len(train)
@@ -70,10 +76,15 @@ def fit(
         return []
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    history = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=stage, unit="batch", leave=False,
-               disable=quiet or not sys.stderr.isatty())
-    for epoch in range(cfg.epochs):
+    first_epoch, history = 0, []
+    restored = journal.restore(index, model, optimizer, scheduler, generator) if journal is not None else None
+    if restored == SKIP:
+        return []
+    if restored is not None:
+        first_epoch, history = restored
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, desc=stage, unit="batch",
+               leave=False, disable=quiet or not sys.stderr.isatty())
+    for epoch in range(first_epoch, cfg.epochs):
         start = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
@@ -101,5 +112,7 @@ def fit(
             append_jsonl(metrics_path, record)
         if on_epoch is not None:
             on_epoch(record)
+        if journal is not None:
+            journal.save_epoch(index, epoch + 1, model, optimizer, scheduler, generator, history)
     bar.close()
     return history
