@@ -135,8 +135,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     else:
         cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from robustprune import distributed
+
     run(cfg, out, force=args.force, resume=args.resume, quiet=args.quiet)
-    print(f"\nrun folder: {out}")
+    if distributed.is_main():
+        print(f"\nrun folder: {out}")
+    distributed.teardown()
 
 
 def _checkpoint_config(args: argparse.Namespace, meta: dict) -> Config:
@@ -335,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
         return 0
     except UserError as err:
-        print(f"robustprune: error: {err}", file=sys.stderr)
+        print(f"robustprune: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except OSError as err:  # unwritable folder, disk full, ...: the system's reason, on one line
         where = f": {err.filename}" if err.filename else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,14 @@ from robustprune.errors import UserError
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+_REPR = reprlib.Repr()  # a value quoted in a message: bounded, so a YAML alias bomb or a deep list stays one short line
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def _show(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -204,10 +213,15 @@ class Config:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard (extra robustprune[tensorboard])
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for training (attacks included); evaluation stays fp32
+    channels_last: bool = False  # train in channels-last memory layout (pays on GPUs with tensor cores)
 
     def __post_init__(self) -> None:
+        _check(-2**63 <= self.seed < 2**63, f"seed must fit in 64 bits (torch.manual_seed), got {self.seed}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.precision in ("fp32", "bf16", "fp16"),
+               f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -235,25 +249,25 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         (inner,) = [t for t in options if t is not type(None)]
         return _convert(value, inner, key)
     if dataclasses.is_dataclass(annotation):
-        _check(isinstance(value, dict), f"{key} must be a mapping of settings, got {value!r}")
+        _check(isinstance(value, dict), f"{key} must be a mapping of settings, got {_show(value)}")
         return _build(annotation, value, key + ".")
     if origin is tuple:
         (inner, _) = typing.get_args(annotation)
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(items))
     if annotation is bool:
-        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        _check(isinstance(value, bool), f"{key} must be true or false, got {_show(value)}")
         return value
     if annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(value, float) and value.is_integer():
             value, ok = int(value), True
-        _check(ok, f"{key} must be an integer, got {value!r}")
+        _check(ok, f"{key} must be an integer, got {_show(value)}")
         return value
     if annotation is float:
         return _to_float(value, key)
     if annotation is str:
-        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        _check(isinstance(value, str), f"{key} must be a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
 
@@ -261,17 +275,20 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
 def _to_float(value: Any, key: str) -> float:
     """A number, or a string like '8/255' or '0.3' read exactly with Fraction (never eval)."""
     if isinstance(value, bool):
-        raise UserError(f"{key} must be a number, got {value!r}")
+        raise UserError(f"{key} must be a number, got {_show(value)}")
     if isinstance(value, (int, float)):
-        number = float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1024 else math.inf  # e.g. 10**400
     elif isinstance(value, str):
-        try:
-            number = float(Fraction(value.strip()))
+        text = value.strip()
+        try:  # float() for plain numbers: Fraction("1e999999999") would build a billion-digit integer
+            number = float(Fraction(text)) if "/" in text else float(text)
+        except OverflowError:  # e.g. "1" * 400 + "/3": too large for a float
+            number = math.inf
         except (ValueError, ZeroDivisionError):
-            raise UserError(f"{key} must be a number like 0.3 or 8/255, got {value!r}") from None
+            raise UserError(f"{key} must be a number like 0.3 or 8/255, got {_show(value)}") from None
     else:
-        raise UserError(f"{key} must be a number, got {value!r}")
-    _check(math.isfinite(number), f"{key} must be finite, got {value!r}")
+        raise UserError(f"{key} must be a number, got {_show(value)}")
+    _check(math.isfinite(number), f"{key} must be finite, got {_show(value)}")
     return number
 
 
@@ -284,7 +301,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(names)})"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+            raise UserError(f"unknown config key {_show(prefix + str(key))}{hint}")
         kwargs[key] = _convert(_over_field_default(cls, key, value), hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -330,7 +347,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise UserError(f"malformed --set {text!r}: expected key=value, e.g. --set threat.eps=0.1")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         raise UserError(f"malformed --set {text!r}: cannot read the value {raw!r}") from None
     nested: dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
@@ -344,7 +361,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a >4300-digit int, bad UTF-8
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot read config {path}: {first}") from None
     _check(isinstance(values, dict), f"config {path} must be a mapping of settings at the top level")
@@ -353,6 +370,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), base: dict[str, Any] | None = None) -> Config:
     """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``--set`` overrides → validated Config."""
+    _check(base is None or isinstance(base, dict), f"a checkpoint's stored config must be a mapping, got {_show(base)}")
     values: dict[str, Any] = dict(base or {})
     if path is not None:
         file_values = read_yaml(path)

@@ -1,5 +1,6 @@
 """Evaluation: benign accuracy, every configured attack (per-sample worst case), verified accuracy and, on request,
-randomized-smoothing certificates → one metrics dict.
+randomized-smoothing certificates → one metrics dict. Under torchrun the ranks share the batches and the per-sample
+results are gathered (each batch's attack starts then come from ``seed + start``, so they do not depend on the ranks).
 
 A sample counts as robust to an attack only if it is classified correctly both clean and at the attack's point
 (the clean input lies in the ball, so robust accuracy can never exceed benign accuracy). A sample counts as verified
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robustprune import distributed
 from robustprune.attacks import autoattack, fgsm, pgd
 from robustprune.bounds import verify
 from robustprune.config import EvalConfig, ThreatConfig
@@ -66,7 +68,9 @@ def evaluate(
     survived = {name: torch.zeros(counts.get(name.split("@")[0], n), dtype=torch.bool) for name, _ in runs}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, n, batch_size):
+        for start in distributed.my_starts(range(0, n, batch_size)):
+            if distributed.active():  # each batch's random starts independent of which rank computes it
+                torch.manual_seed(seed + start)
             stop = min(start + batch_size, n)
             x, y = test.x[start:stop].to(device), test.y[start:stop].to(device)
             with torch.inference_mode():
@@ -81,6 +85,8 @@ def evaluate(
                 with torch.inference_mode():
                     held = model(x_adv).argmax(1) == y[:end - start]
                 survived[name][start:end] = (held & correct[:end - start]).cpu()
+    clean = distributed.gather_flags(clean, device)
+    survived = {name: distributed.gather_flags(flags, device) for name, flags in survived.items()}
     verified = verify_all(model, test, threat, cfg, n, batch_size)
     smoothing = smoothing_figures(model, test, cfg, n, seed)
     model.train(was_training)
@@ -165,11 +171,11 @@ def verify_all(model: nn.Module, test: Split, threat: ThreatConfig, cfg: EvalCon
     results = {}
     for method in cfg.verifiers:
         flags = torch.zeros(count, dtype=torch.bool)
-        for start in range(0, count, batch_size):
+        for start in distributed.my_starts(range(0, count, batch_size)):
             stop = min(start + batch_size, count)
             x, y = test.x[start:stop].to(device), test.y[start:stop].to(device)
             flags[start:stop] = verify(model, x, y, threat.eps, method).cpu()
-        results[method] = flags
+        results[method] = distributed.gather_flags(flags, device)
     return results
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,10 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path in the target's folder; on success it is fsync'ed and renamed to ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file asked for, not the random temporary name
+        raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)
     try:
         yield Path(tmp)
@@ -26,6 +30,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:  # Rust writers (safetensors) wrap EFBIG / ENOSPC as "... (os error 27)" in their own type
+        found = None if isinstance(err, (OSError, ValueError)) else re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -42,7 +51,17 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """One JSON line, flushed and fsync'ed (appending keeps earlier lines intact)."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = memoryview((json.dumps(record) + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:  # unbuffered, so nothing is left to flush after a failure
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:  # disk full mid-line: cut the partial line off so every line stays valid JSON
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ from typing import Callable
 import yaml
 from torch import nn
 
-from robustprune import __version__
+from robustprune import __version__, distributed
 from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
@@ -135,12 +135,14 @@ def structure(model: nn.Module) -> dict:
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty folder unless ``force``; with ``force`` its old contents are replaced."""
+    """Refuse a non-empty folder unless ``force``; with ``force`` an old run folder's contents are replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UserError(f"--out {out} exists and is not empty (use --force to replace it)")
+        if not (out / "config.yaml").is_file():  # --force replaces runs, never an arbitrary folder (say, ~)
+            raise UserError(f"--out {out}: refusing to replace a folder that is not a robustprune run (no config.yaml)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -184,26 +186,32 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
         from robustprune.tensorboard import Scalars, summary_writer_class
         summary_writer_class()  # a missing extra fails (exit 2) before anything is written
     out = Path(out)
+    device = distributed.local_device(resolve_device(cfg.device))
+    distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes
+    main = distributed.is_main()
+    log = log if main else (lambda _: None)
     if resume:
         open_for_resume(out, cfg)
         if (out / "report.json").is_file():
             log(f"{out} is a finished run (report.json exists): nothing to resume")
             return json.loads((out / "report.json").read_text())
-        remove_stale_temporaries(out)
-    else:
+    elif main:
         prepare_out_dir(out, force)
         write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    journal = Journal(out, resume=resume)
-    journal.metrics_path = out / "metrics.jsonl"
-    truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
-    scalars = Scalars(out / "tensorboard") if cfg.tensorboard else None
+    journal = Journal(out, resume=resume, enabled=main)
+    distributed.barrier()  # every rank has read the journal before rank 0 writes a new one
+    if main:
+        remove_stale_temporaries(out)
+        journal.metrics_path = out / "metrics.jsonl"
+        truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
+    scalars = Scalars(out / "tensorboard") if cfg.tensorboard and main else None
 
     generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     model = new_model(cfg, data).to(device)
     objective = build_objective(cfg.objective, cfg.threat)
     ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
-    options = {"generator": generator, "metrics_path": out / "metrics.jsonl", "quiet": quiet, "journal": journal}
+    options = {"generator": generator, "metrics_path": out / "metrics.jsonl" if main else None, "journal": journal,
+               "quiet": quiet or not main, "precision": cfg.precision, "channels_last": cfg.channels_last}
     if scalars is not None:
         options["on_epoch"] = scalars.epoch
     stages, timing, meta = {}, journal.timing, {"config": cfg.to_dict()}
@@ -218,7 +226,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
 
     def checkpoint(stage: str, **extra) -> None:
         stages[stage] = timed("evaluate", lambda: measure(model, cfg, data))
-        save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
+        if main:
+            save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
         if scalars is not None:
             scalars.stage(stage, stages[stage])
         s = stages[stage]
@@ -246,7 +255,8 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     if "prune" not in done:
         journal.begin("prune")
         plan = timed("prune", lambda: prune_model(model, cfg, data, objective, **options))
-        write_json(out / "plan.json", plan.to_json())
+        if main:
+            write_json(out / "plan.json", plan.to_json())
         checkpoint("pruned", plan=plan.summary())
         journal.save_boundary("prune", generator)
     if "finetune" not in done:
@@ -255,6 +265,9 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
         checkpoint("finetuned", plan=plan.summary())
         journal.save_boundary("finetune", generator)
     timing["total"] = carried + time.perf_counter() - t_start
+    if not main:
+        distributed.barrier()  # rank 0 writes the artefacts and the report
+        return build_report(__version__, cfg.to_dict(), stages, timing, {})
 
     structured = PRUNERS.get(cfg.prune.rule).structured
     artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
@@ -267,6 +280,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
         report["structure"] = structure(model)
     write_report(out, report)
     journal.finish()
+    distributed.barrier()
     if scalars is not None:
         scalars.close()
     log("")

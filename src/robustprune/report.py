@@ -124,16 +124,21 @@ def rerender(folder: str | Path) -> list[Path]:
     from robustprune.sweep import render_sweep
 
     folder = Path(folder)
-    if (folder / "sweep.json").is_file():
-        result = _read_json(folder / "sweep.json")
-        result["plots"] = [str(p) for p in sweep_plots(result, folder / "plots")]
-        write_json(folder / "sweep.json", result)
-        write_text(folder / "sweep.md", render_sweep(result, folder))
-        return [folder / "sweep.md", *map(Path, result["plots"])]
-    if (folder / "report.json").is_file():
-        report = _read_json(folder / "report.json")
-        write_report(folder, report)
-        return [folder / "report.md", *map(Path, report["artifacts"]["plots"])]
+    for name in ("sweep.json", "report.json"):
+        if (folder / name).is_file():
+            data = _read_json(folder / name)
+            try:  # markdown first (in memory): a malformed file is refused before anything is rewritten
+                if name == "sweep.json":
+                    render_sweep(data, folder)
+                    data["plots"] = [str(p) for p in sweep_plots(data, folder / "plots")]
+                    write_json(folder / "sweep.json", data)
+                    write_text(folder / "sweep.md", render_sweep(data, folder))
+                    return [folder / "sweep.md", *map(Path, data["plots"])]
+                render_markdown(data)
+                write_report(folder, data)
+                return [folder / "report.md", *map(Path, data["artifacts"]["plots"])]
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+                raise UserError(f"{folder / name}: not a robustprune {name} ({type(err).__name__}: {err})") from None
     raise UserError(f"{folder}: no report.json or sweep.json (give a run or sweep folder)")
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustprune import distributed
 from robustprune.config import TrainConfig
 from robustprune.data import Split
 from robustprune.fileio import append_jsonl
@@ -58,6 +59,8 @@ def fit(
     quiet: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     journal: Journal | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
@@ -65,7 +68,9 @@ def fit(
     at full scale); objectives derive their other schedules (κ, β) from the same ramp factor.
 
     With a ``journal`` the state (weights, masks, scores, optimiser, scheduler, RNG) is saved after every epoch, and
-    a resumed run skips or continues this call where the journal says.
+    a resumed run skips or continues this call where the journal says. Under torchrun each rank trains on its shard
+    of every batch and the gradients are averaged (``distributed.py``). ``precision`` bf16/fp16 runs the objective
+    (attack included) under autocast; ``channels_last`` trains in that memory layout. Evaluation is never autocast.
     """
     index = journal.next_fit() if journal is not None else 0
     device = next(model.parameters()).device
@@ -82,6 +87,10 @@ def fit(
         return []
     if restored is not None:
         first_epoch, history = restored
+    distributed.broadcast_module(model)
+    step = TrainStep(model, optimizer, scheduler, objective, precision, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, desc=stage, unit="batch",
                leave=False, disable=quiet or not sys.stderr.isatty())
     for epoch in range(first_epoch, cfg.epochs):
@@ -94,15 +103,13 @@ def fit(
             objective.set_eps_scale(linear_ramp(epoch + i / steps_per_epoch, cfg.eps_warmup_epochs,
                                                    cfg.clean_epochs))
             idx = order[i * batch_size:(i + 1) * batch_size]
-            x, y = x_all[idx], y_all[idx]
-            loss, logits = objective.forward(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
+            local = distributed.shard(idx)
+            loss, logits = step(x_all[local], y_all[local], len(local) / len(idx))
+            loss_sum += loss * len(local)
+            correct += (logits.argmax(1) == y_all[local]).sum()
             bar.update(1)
+        distributed.all_sum(loss_sum)
+        distributed.all_sum(correct)
         record = {"stage": stage, "epoch": epoch + 1, "loss": float(loss_sum) / n, "train_acc": float(correct) / n,
                   "lr": optimizer.param_groups[0]["lr"], "eps": objective.current_eps,
                   "time_s": round(time.perf_counter() - start, 3)}
@@ -115,4 +122,44 @@ def fit(
         if journal is not None:
             journal.save_epoch(index, epoch + 1, model, optimizer, scheduler, generator, history)
     bar.close()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return history
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainStep:
+    """One optimiser step on this rank's part of a batch: loss (under autocast if asked), backward, gradient
+    averaging over the ranks, step. ``share`` is this rank's fraction of the global batch: the loss is weighted by
+    ``share · world`` so the averaged gradient is the gradient of the global batch's mean loss."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, objective: Objective,
+                 precision: str, device: torch.device) -> None:
+        if precision not in ("fp32", *AUTOCAST):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.model, self.optimizer, self.scheduler, self.objective = model, optimizer, scheduler, objective
+        self.dtype = AUTOCAST.get(precision)
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(y) == 0:  # a rank with no sample in a short last batch still joins the gradient average
+            distributed.average_gradients(self.model)
+            self._step()
+            return torch.zeros((), device=self.device), torch.zeros(0, 1, device=self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss, logits = self.objective.forward(self.model, x, y)
+        weight = share * distributed.world() if distributed.active() else 1.0
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        distributed.average_gradients(self.model)
+        self._step()
+        return loss.detach().float(), logits.detach()
+
+    def _step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        distributed.broadcast_buffers(self.model)

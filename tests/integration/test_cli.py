@@ -57,6 +57,9 @@ def test_existing_non_empty_out_needs_force(tmp_path, capsys):
     (out / "keep.txt").write_text("precious")
     _fails_cleanly(capsys, ["run", "--out", str(out)], "use --force")
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    # --force replaces old runs only, never a folder that is not one (say, --out ~)
+    _fails_cleanly(capsys, ["run", "--out", str(out), "--force"], "not a robustprune run")
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
 def test_unknown_command_and_list(capsys):

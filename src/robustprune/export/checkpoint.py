@@ -128,7 +128,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         meta.setdefault("dtype", "fp32")
         if meta["layout"] not in FORMATS.values() or meta["dtype"] not in DTYPES:
             raise UserError(f"{path}: unknown layout {meta['layout']!r} or dtype {meta['dtype']!r} "
-                            f"(this robustprune reads {', '.join(l for l in FORMATS.values() if l)})")
+                            f"(this robustprune reads {', '.join(kind for kind in FORMATS.values() if kind)})")
         return meta
     except UserError:
         raise

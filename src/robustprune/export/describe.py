@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from robustprune.errors import UserError
 from robustprune.export.checkpoint import read_metadata
@@ -37,7 +37,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 mask = name + MASK_SUFFIX
                 counted = handle.get_tensor(mask if mask in names else name)
                 layers.append(_layer(name, shape, int(counted.count_nonzero()), "dense"))
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors' own errors derive from these
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise UserError(f"{path}: unreadable tensors ({str(err).splitlines()[0]})") from None
     layers.sort(key=lambda layer: layer["name"])
     total, kept = sum(layer["numel"] for layer in layers), sum(layer["nonzero"] for layer in layers)

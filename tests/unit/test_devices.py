@@ -1,0 +1,78 @@
+"""Devices: no hard-coded device anywhere in the library; ``device: auto`` picks CUDA only when present; mixed
+precision and channels-last training run (on CPU here) and keep pruned weights at exactly 0."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustprune.config import Config, TrainConfig
+from robustprune.errors import UserError
+from robustprune.objectives import create
+from robustprune.pruning import prune
+from robustprune.runtime import resolve_device
+from robustprune.train import fit
+
+from conftest import make_tiny_dataset
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "robustprune"
+# A device may be named only where the device rule lives (runtime.py) and where torchrun's ranks pick theirs.
+DEVICE_RULE_FILES = {"runtime.py", "distributed.py"}
+HARD_CODED = [r"\.cuda\(", r"""device\s*=\s*["']cuda""", r"""torch\.device\(\s*["']cuda""", r"""\.to\(\s*["']cuda""",
+              r"""["']cuda:\d"""]
+
+
+def test_no_hard_coded_device_in_the_library():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name in DEVICE_RULE_FILES:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            if any(re.search(pattern, code) for pattern in HARD_CODED):
+                offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_grep_would_catch_a_hard_coded_device():
+    assert any(re.search(p, "x = x.cuda()") for p in HARD_CODED)
+    assert any(re.search(p, 'model.to("cuda:0")') for p in HARD_CODED)
+
+
+def test_auto_picks_cuda_only_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_precision_is_validated():
+    with pytest.raises(UserError, match="precision"):
+        Config(precision="fp8")
+
+
+@pytest.mark.parametrize("precision,channels_last", [("bf16", False), ("fp32", True), ("bf16", True)])
+def test_mixed_precision_and_channels_last_training(precision, channels_last):
+    from robustprune.models import create_model
+
+    data = make_tiny_dataset(n_train=64, shape=(1, 8, 8))
+    torch.manual_seed(0)
+    model = create_model("cnn-small", (1, 8, 8), 3)
+    prune(model, "magnitude", 4.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = fit(model, create("pgd", eps=0.1, steps=2), data.train, TrainConfig(epochs=2, lr=1e-2),
+                  batch_size=16, precision=precision, channels_last=channels_last)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    masked = [m for m in model.modules() if hasattr(m, "parametrizations")]
+    assert masked
+    for module in masked:
+        mask = module.parametrizations.weight[0].mask
+        assert (mask == 0).any() and torch.all(module.weight[mask == 0] == 0)
+    assert all(p.is_contiguous() for p in model.parameters())  # back to the default layout for evaluation
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes stored weights
