@@ -86,9 +86,14 @@ def new_model(cfg: Config, data: Dataset) -> nn.Module:
     return create_model(cfg.model.name, data.input_shape, data.num_classes, mean, std)
 
 
+def training(cfg: Config) -> dict:
+    """The run-level training settings every ``fit`` of a stage takes (so stage commands and sweeps honour them)."""
+    return {"precision": cfg.precision, "channels_last": cfg.channels_last}
+
+
 def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
     return fit(model, objective, data.train, cfg.pretrain, batch_size=cfg.data.batch_size, stage="pretrain",
-               **fit_options)
+               **training(cfg), **fit_options)
 
 
 def prune_model(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> PruningPlan:
@@ -98,7 +103,7 @@ def prune_model(model: nn.Module, cfg: Config, data: Dataset, objective: Objecti
         plan = prune_round(model, cfg, target, data, objective, **fit_options)
         if round_index < len(targets) and cfg.prune.round_epochs > 0:
             fit(model, objective, data.train, dataclasses.replace(cfg.finetune, epochs=cfg.prune.round_epochs),
-                batch_size=cfg.data.batch_size, stage=f"prune-round-{round_index}", **fit_options)
+                batch_size=cfg.data.batch_size, stage=f"prune-round-{round_index}", **training(cfg), **fit_options)
     return plan
 
 
@@ -111,14 +116,14 @@ def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, obj
         return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
     attach_learned_scores(model, target, p.scope, **options)
     fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage="hydra-scores",
-        **fit_options)
+        **training(cfg), **fit_options)
     hydra.finalize_scores(model)
     return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model), options=options)
 
 
 def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
     return fit(model, objective, data.train, cfg.finetune, batch_size=cfg.data.batch_size, stage="finetune",
-               **fit_options)
+               **training(cfg), **fit_options)
 
 
 def measure(model: nn.Module, cfg: Config, data: Dataset) -> dict:
@@ -211,7 +216,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     objective = build_objective(cfg.objective, cfg.threat)
     ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
     options = {"generator": generator, "metrics_path": out / "metrics.jsonl" if main else None, "journal": journal,
-               "quiet": quiet or not main, "precision": cfg.precision, "channels_last": cfg.channels_last}
+               "quiet": quiet or not main}
     if scalars is not None:
         options["on_epoch"] = scalars.epoch
     stages, timing, meta = {}, journal.timing, {"config": cfg.to_dict()}

@@ -76,3 +76,20 @@ def test_mixed_precision_and_channels_last_training(precision, channels_last):
         assert (mask == 0).any() and torch.all(module.weight[mask == 0] == 0)
     assert all(p.is_contiguous() for p in model.parameters())  # back to the default layout for evaluation
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never changes stored weights
+
+
+def test_stage_functions_pass_the_run_level_training_settings(monkeypatch):
+    """``robustprune train/prune/finetune`` and sweeps go through these functions: they must honour precision."""
+    from robustprune import pipeline
+    from robustprune.config import load_config
+
+    seen = []
+    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: seen.append((k["precision"], k["channels_last"])) or [])
+    cfg = load_config(None, ["precision=bf16", "channels_last=true", "prune.schedule=iterative", "prune.rounds=2"])
+    data = make_tiny_dataset(shape=(1, 8, 8))
+    model = pipeline.new_model(cfg, data)
+    objective = pipeline.build_objective(cfg.objective, cfg.threat)
+    pipeline.pretrain(model, cfg, data, objective)
+    pipeline.prune_model(model, cfg, data, objective)
+    pipeline.finetune(model, cfg, data, objective)
+    assert seen == [("bf16", True)] * 3  # pre-training, the round between the two prunings, fine-tuning
