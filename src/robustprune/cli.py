@@ -15,7 +15,7 @@ from typing import Sequence
 from robustprune import __version__
 from robustprune.allocator import keep_freed_memory
 from robustprune.config import Config, load_config
-from robustprune.errors import UserError
+from robustprune.errors import UserError, one_line
 
 LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
         return 0
     except UserError as err:
-        print(f"robustprune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"robustprune: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # unwritable folder, disk full, ...: the system's reason, on one line
         where = f": {err.filename}" if err.filename else ""

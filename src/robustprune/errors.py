@@ -7,3 +7,8 @@ prints its message on one line and exits with status 2. Every other exception is
 
 class UserError(ValueError):
     """Bad input from the user: shown as one line, exit status 2."""
+
+
+def one_line(value: object) -> str:
+    """A message on one line (a reason quoted from elsewhere may hold newlines; stderr gets exactly one line)."""
+    return " ".join(str(value).split())

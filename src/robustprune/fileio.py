@@ -65,3 +65,17 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -112,10 +112,8 @@ class Journal:
     def _read(self) -> None:
         try:
             self._tensors = load_file(str(self.path))
-            with open(self.path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-            self._meta = json.loads(header["__metadata__"]["journal"])
+            with safe_open(str(self.path), "pt") as handle:
+                self._meta = json.loads(handle.metadata()["journal"])
             self.saved = Position(**self._meta["position"])
         except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"{self.path}: unreadable resume journal ({type(err).__name__}: {err}); "

@@ -511,10 +511,12 @@ def test_archive_missing_a_pinned_batch_is_refused(server, monkeypatch, tmp_path
 
 
 def test_checked_member_rules():
+    from robustprune.data import archive as safe_tar
+
     folder = Path("/data/cifar10")
     archive = Path("a.tar.gz")
     ok = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
-    assert dl._checked_member(ok, folder, archive) is ok
+    assert safe_tar._checked_member(ok, folder, archive) is ok
     for name in ["/etc/passwd", "../x", "a/../../x", "C:\\x", "\\\\server\\x", "a\\..\\..\\x"]:
         with pytest.raises(UserError, match="refusing to extract"):
-            dl._checked_member(tarfile.TarInfo(name), folder, archive)
+            safe_tar._checked_member(tarfile.TarInfo(name), folder, archive)

@@ -22,11 +22,11 @@ Safety rules:
   name only ever holds a verified file. On any failure the temporary file is removed and a :class:`UserError` names
   the URL and what went wrong; files already verified stay.
 * A present file is hashed first: correct → kept and not fetched again; wrong → fetched again, never trusted.
-* The CIFAR-10 archive is checked member by member *before* anything is extracted: absolute names, ``..``,
-  names resolving outside the target, links, devices and FIFOs are refused (nothing is written). Only regular
-  files and folders are extracted, with ``tarfile``'s ``filter="data"`` as a second guard, into a temporary folder
-  that is moved into place once the extracted batches match their pinned checksums. The archive (170 MB) is then
-  deleted: the extracted batches are pinned too, so a later run still knows they are complete.
+* The CIFAR-10 archive is extracted by ``archive.py``: every member is checked *before* anything is written
+  (absolute names, ``..``, names resolving outside the target, links, devices and FIFOs are refused), then the
+  regular files and folders go into a temporary folder that is moved into place once the extracted batches match
+  their pinned checksums. The archive (170 MB) is then deleted: the extracted batches are pinned too, so a later run
+  still knows they are complete.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -44,10 +43,12 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
-from robustprune.errors import UserError
+from robustprune.data.archive import extract_tar_gz
+from robustprune.errors import UserError, one_line
+from robustprune.fileio import fsync_folder
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
@@ -249,7 +250,7 @@ def _fetch(url: str, dest: Path, remote: Remote, quiet: bool) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(dest.parent)
+    fsync_folder(dest.parent)
 
 
 def _temp_file(dest: Path) -> Path:
@@ -280,11 +281,11 @@ def _open(url: str) -> http.client.HTTPResponse:
     try:
         return opener.open(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
-        raise _TransferFailed(f"{url}: HTTP error {exc.code} ({_one_line(exc.reason)})") from None
+        raise _TransferFailed(f"{url}: HTTP error {exc.code} ({one_line(exc.reason)})") from None
     except urllib.error.URLError as exc:
-        raise _TransferFailed(f"{url}: network error ({_one_line(exc.reason)})") from None
+        raise _TransferFailed(f"{url}: network error ({one_line(exc.reason)})") from None
     except (OSError, http.client.HTTPException) as exc:
-        raise _TransferFailed(f"{url}: network error ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise _TransferFailed(f"{url}: network error ({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def _announced_length(response: http.client.HTTPResponse, url: str, size: int | None) -> int | None:
@@ -309,7 +310,7 @@ def _chunks(response, url: str, limit: int | None, label: str, quiet: bool) -> I
                 chunk = response.read(CHUNK)
             except (OSError, http.client.HTTPException) as exc:  # IncompleteRead, reset, timeout
                 raise _TransferFailed(f"{url}: transfer interrupted after {received} bytes "
-                                      f"({type(exc).__name__}: {_one_line(exc)})") from None
+                                      f"({type(exc).__name__}: {one_line(exc)})") from None
             if not chunk:
                 return
             received += len(chunk)
@@ -325,20 +326,6 @@ def _check_received(url: str, received: int, announced: int | None, size: int | 
     for expected in (announced, size):
         if expected is not None and received != expected:
             raise _TransferFailed(f"{url}: transfer truncated: received {received} of {expected} bytes")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -387,62 +374,16 @@ def _members_ok(folder: Path, members: tuple[tuple[str, str], ...]) -> bool:
 
 
 def _extract(archive: Path, folder: Path, members: tuple[tuple[str, str], ...]) -> None:
-    """Check every member, extract into a temporary folder, verify the pinned members, then move into place."""
+    """Safe extraction (``archive.py``) with the pinned members verified before they are moved into place; a refused
+    or unreadable archive is deleted (the next run fetches it again)."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            safe = [_checked_member(m, folder, archive) for m in tar.getmembers()]
-            staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder))
-            try:
-                _extract_all(tar, staging, safe)
-                _verify_members(staging, members, archive)
-                _move_into_place(staging, folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        extract_tar_gz(archive, folder, lambda staging: _verify_members(staging, members, archive))
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         archive.unlink(missing_ok=True)
-        raise UserError(f"{archive}: not a readable tar.gz archive ({_one_line(exc)}); archive deleted") from None
+        raise UserError(f"{archive}: not a readable tar.gz archive ({one_line(exc)}); archive deleted") from None
     except UserError as exc:
-        archive.unlink(missing_ok=True)  # a refused archive is useless; the next run fetches it again
+        archive.unlink(missing_ok=True)
         raise UserError(f"{exc}; archive deleted") from None
-
-
-def _checked_member(member: tarfile.TarInfo, folder: Path, archive: Path) -> tarfile.TarInfo:
-    """The member if it is a plain file or folder that stays inside ``folder``; else a UserError (path traversal)."""
-    name = member.name
-    path = PurePosixPath(name)
-    if path.is_absolute() or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
-        raise UserError(f"{archive}: refusing to extract: member {name!r} has an absolute path")
-    if ".." in path.parts or ".." in name.split("\\"):
-        raise UserError(f"{archive}: refusing to extract: member {name!r} contains '..'")
-    if not (member.isfile() or member.isdir()):
-        raise UserError(f"{archive}: refusing to extract: member {name!r} is {_kind(member)} "
-                        "(only plain files and folders are extracted)")
-    target = (folder / name).resolve()
-    if target != folder.resolve() and not target.is_relative_to(folder.resolve()):
-        raise UserError(f"{archive}: refusing to extract: member {name!r} resolves outside {folder}")
-    return member
-
-
-def _kind(member: tarfile.TarInfo) -> str:
-    """How to name a member that is neither a plain file nor a folder, for the refusal message."""
-    if member.issym():
-        return f"a symbolic link to {member.linkname!r}"
-    if member.islnk():
-        return f"a hard link to {member.linkname!r}"
-    if member.ischr() or member.isblk():
-        return "a device"
-    return "a FIFO" if member.isfifo() else f"of unsupported type {member.type!r}"
-
-
-def _extract_all(tar: tarfile.TarFile, staging: Path, members: list[tarfile.TarInfo]) -> None:
-    """Extract the checked members; ``filter="data"`` (Python >= 3.11.4 / 3.12) re-checks them and drops modes."""
-    if hasattr(tarfile, "data_filter"):
-        try:
-            tar.extractall(staging, members=members, filter="data")
-        except tarfile.FilterError as exc:
-            raise UserError(f"refusing to extract: {_one_line(exc)}") from None
-    else:  # pragma: no cover - older Python: our own checks above are the guard
-        tar.extractall(staging, members=members)
 
 
 def _verify_members(staging: Path, members: tuple[tuple[str, str], ...], archive: Path) -> None:
@@ -451,17 +392,3 @@ def _verify_members(staging: Path, members: tuple[tuple[str, str], ...], archive
             raise UserError(f"{archive}: the archive does not contain {rel}")
         if not _matches(staging / rel, checksum):
             raise UserError(f"{archive}: extracted {rel} does not match its pinned checksum {checksum}")
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Swap each extracted top-level entry in; an old copy is moved aside into ``staging`` and deleted with it."""
-    for entry in sorted(p for p in staging.iterdir()):
-        dest = folder / entry.name
-        if dest.exists() or dest.is_symlink():
-            os.replace(dest, staging / f".old-{entry.name}")
-        os.replace(entry, dest)
-    _fsync_folder(folder)
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())
