@@ -160,11 +160,11 @@ def _check_out_file(path: str, force: bool) -> Path:
 
 def _stage_setup(cfg: Config):
     from robustprune import pipeline
-    from robustprune.runtime import resolve_device, seed_everything
+    from robustprune.runtime import resolve_device, start
 
     pipeline.check_names(cfg)
     data = pipeline.load_data(cfg)
-    generator = seed_everything(cfg.seed)
+    generator = start(cfg)
     return pipeline, data, generator, resolve_device(cfg.device)
 
 

@@ -215,11 +215,14 @@ class Config:
     tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard (extra robustprune[tensorboard])
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for training (attacks included); evaluation stays fp32
     channels_last: bool = False  # train in channels-last memory layout (pays on GPUs with tensor cores)
+    compile: bool = False  # torch.compile the model for training steps and training attacks (first epoch compiles)
+    threads: int | None = None  # intra-op CPU threads; None: torch's default (OMP_NUM_THREADS, else one per core)
 
     def __post_init__(self) -> None:
         _check(-2**63 <= self.seed < 2**63, f"seed must fit in 64 bits (torch.manual_seed), got {self.seed}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.threads is None or 1 <= self.threads <= 4096, f"threads must be 1..4096, got {self.threads}")
         _check(self.precision in ("fp32", "bf16", "fp16"),
                f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 

@@ -30,7 +30,7 @@ from robustprune.pruning import PRUNERS, PruningPlan, attach_learned_scores, hyd
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, stage_table, write_report
 from robustprune.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
-from robustprune.runtime import resolve_device, seed_everything
+from robustprune.runtime import resolve_device, start
 from robustprune.train import fit
 
 Log = Callable[[str], None]
@@ -88,7 +88,7 @@ def new_model(cfg: Config, data: Dataset) -> nn.Module:
 
 def training(cfg: Config) -> dict:
     """The run-level training settings every ``fit`` of a stage takes (so stage commands and sweeps honour them)."""
-    return {"precision": cfg.precision, "channels_last": cfg.channels_last}
+    return {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
 
 
 def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
@@ -211,7 +211,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
         truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
     scalars = Scalars(out / "tensorboard") if cfg.tensorboard and main else None
 
-    generator = seed_everything(cfg.seed)
+    generator = start(cfg)
     model = new_model(cfg, data).to(device)
     objective = build_objective(cfg.objective, cfg.threat)
     ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)

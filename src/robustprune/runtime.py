@@ -25,6 +25,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def set_threads(threads: int | None) -> None:
+    """Intra-op CPU threads: ``None`` leaves torch's choice (``OMP_NUM_THREADS``, else one per core) untouched."""
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
+def start(cfg) -> torch.Generator:
+    """Every command's set-up from a config: thread count, then seeds; returns the data-order generator."""
+    set_threads(cfg.threads)
+    return seed_everything(cfg.seed)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; returns a CPU generator for data order."""
     random.seed(seed)

@@ -115,14 +115,14 @@ def _check_same_sweep(out: Path, cfg: Config) -> None:
 
 def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) -> dict:
     from robustprune import pipeline
-    from robustprune.runtime import resolve_device, seed_everything
+    from robustprune.runtime import resolve_device, start
 
     path = out / f"pretrained-{name}.safetensors"
     if path.is_file():
         log(f"pre-trained with {name}: {path.name}, done before, reused")
         return {"checkpoint": path, "metrics": read_metadata(path)["metrics"]}
     run_cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, name=name))
-    generator = seed_everything(cfg.seed)
+    generator = start(cfg)
     model = pipeline.new_model(run_cfg, data).to(resolve_device(cfg.device))
     started = time.perf_counter()
     pipeline.pretrain(model, run_cfg, data, pipeline.build_objective(run_cfg.objective, cfg.threat),
@@ -138,10 +138,10 @@ def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) 
 
 def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -> dict:
     from robustprune import pipeline
-    from robustprune.runtime import resolve_device, seed_everything
+    from robustprune.runtime import resolve_device, start
 
     run_cfg = point_config(cfg, point)
-    generator = seed_everything(cfg.seed)
+    generator = start(cfg)
     model = load(checkpoint, resolve_device(cfg.device)).train()
     objective = pipeline.build_objective(run_cfg.finetune_objective, cfg.threat)
     if point.compression > 1:

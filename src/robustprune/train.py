@@ -61,6 +61,7 @@ def fit(
     journal: Journal | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    compile: bool = False,
 ) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
@@ -71,6 +72,8 @@ def fit(
     a resumed run skips or continues this call where the journal says. Under torchrun each rank trains on its shard
     of every batch and the gradients are averaged (``distributed.py``). ``precision`` bf16/fp16 runs the objective
     (attack included) under autocast; ``channels_last`` trains in that memory layout. Evaluation is never autocast.
+    ``compile`` runs the objective's passes (training attacks included) through ``torch.compile`` (the same
+    parameters; the first batches of each mode compile).
     """
     index = journal.next_fit() if journal is not None else 0
     device = next(model.parameters()).device
@@ -88,7 +91,7 @@ def fit(
     if restored is not None:
         first_epoch, history = restored
     distributed.broadcast_module(model)
-    step = TrainStep(model, optimizer, scheduler, objective, precision, device)
+    step = TrainStep(model, optimizer, scheduler, objective, precision, device, compile=compile)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, desc=stage, unit="batch",
@@ -136,10 +139,12 @@ class TrainStep:
     ``share · world`` so the averaged gradient is the gradient of the global batch's mean loss."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, objective: Objective,
-                 precision: str, device: torch.device) -> None:
+                 precision: str, device: torch.device, compile: bool = False) -> None:
         if precision not in ("fp32", *AUTOCAST):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.model, self.optimizer, self.scheduler, self.objective = model, optimizer, scheduler, objective
+        # The objective calls ``net``: the model itself, or its compiled form (which shares its parameters).
+        self.net = torch.compile(model) if compile else model
         self.dtype = AUTOCAST.get(precision)
         self.device = device
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -151,7 +156,7 @@ class TrainStep:
             self._step()
             return torch.zeros((), device=self.device), torch.zeros(0, 1, device=self.device)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss, logits = self.objective.forward(self.model, x, y)
+            loss, logits = self.objective.forward(self.net, x, y)
         weight = share * distributed.world() if distributed.active() else 1.0
         self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         distributed.average_gradients(self.model)

@@ -84,12 +84,55 @@ def test_stage_functions_pass_the_run_level_training_settings(monkeypatch):
     from robustprune.config import load_config
 
     seen = []
-    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: seen.append((k["precision"], k["channels_last"])) or [])
-    cfg = load_config(None, ["precision=bf16", "channels_last=true", "prune.schedule=iterative", "prune.rounds=2"])
+    monkeypatch.setattr(pipeline, "fit",
+                        lambda *a, **k: seen.append((k["precision"], k["channels_last"], k["compile"])) or [])
+    cfg = load_config(None, ["precision=bf16", "channels_last=true", "compile=true", "prune.schedule=iterative",
+                             "prune.rounds=2"])
     data = make_tiny_dataset(shape=(1, 8, 8))
     model = pipeline.new_model(cfg, data)
     objective = pipeline.build_objective(cfg.objective, cfg.threat)
     pipeline.pretrain(model, cfg, data, objective)
     pipeline.prune_model(model, cfg, data, objective)
     pipeline.finetune(model, cfg, data, objective)
-    assert seen == [("bf16", True)] * 3  # pre-training, the round between the two prunings, fine-tuning
+    assert seen == [("bf16", True, True)] * 3  # pre-training, the round between the two prunings, fine-tuning
+
+
+def test_threads_setting_is_applied_and_validated():
+    from robustprune.runtime import start
+
+    before = torch.get_num_threads()
+    try:
+        start(Config(threads=1))
+        assert torch.get_num_threads() == 1
+        start(Config(threads=None))  # None leaves the current setting alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="threads"):
+        Config(threads=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training():
+    """``compile: true`` runs the PGD objective (attack and update) through torch.compile: same parameters shared,
+    masks kept, and the same training within float tolerance (compiled kernels may round differently)."""
+    from robustprune.models import create_model
+
+    data = make_tiny_dataset(n_train=32, shape=(1, 6, 6))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = create_model("mlp", (1, 6, 6), 3)
+        prune(model, "magnitude", 4.0)
+        history = fit(model, create("pgd", eps=0.1, steps=3), data.train, TrainConfig(epochs=2, lr=1e-2),
+                      batch_size=16, generator=torch.Generator().manual_seed(0), compile=compiled)
+        results.append((history, model.state_dict()))
+    (eager_history, eager), (compiled_history, compiled) = results
+    assert set(eager) == set(compiled)  # no "_orig_mod." keys: the compiled module shares the model's parameters
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+    for e, c in zip(eager_history, compiled_history):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)
+    for module in (m for m in model.modules() if hasattr(m, "parametrizations")):
+        mask = module.parametrizations.weight[0].mask
+        assert torch.all(module.weight[mask == 0] == 0)

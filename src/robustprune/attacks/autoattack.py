@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from robustprune.errors import UserError
 
@@ -48,5 +49,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     runner.apgd_targeted.n_target_classes = runner.fab.n_target_classes = targets
     runner.attacks_to_run = [a for a in STANDARD if a in chosen]
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=batch_size)
+    with parametrize.cached():  # fixed weights: the masked weights once, not at every pass
+        x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=batch_size)
     return x_adv.detach()

@@ -5,6 +5,7 @@ Every ball is intersected with the input domain [0, 1] (inputs live in pixel uni
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
@@ -31,6 +32,11 @@ class Ball(ABC):
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
         """Closest point of the ball around ``x``, then clipped to [0, 1]."""
 
+    def projector(self, x: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``project(·, x, eps)`` for many steps around the same ``x``: a ball may precompute what does not change
+        from step to step (the same values as ``project``, bit for bit)."""
+        return lambda x_adv: self.project(x_adv, x, eps)
+
 
 BALLS: Registry[type[Ball]] = Registry("norm")
 
@@ -45,6 +51,12 @@ class LinfBall(Ball):
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+    def projector(self, x: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        # The box [max(x − ε, 0), min(x + ε, 1)] once, then one clamp per step: max/min select, never round, so
+        # this equals ``project`` exactly.
+        low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+        return lambda x_adv: torch.clamp(x_adv, low, high)
 
 
 @BALLS.register("l2")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from robustprune.attacks.geometry import BALLS
 from robustprune.errors import UserError
@@ -76,33 +77,41 @@ def pgd(
         raise UserError(f"unknown attack loss {loss!r} (choose from {', '.join(LOSSES)})")
     if eps == 0 or steps == 0:
         return x.detach().clone()
-    best_adv, best_loss, best_done = x.detach().clone(), None, None
-    for _ in range(restarts):
-        x_adv = _pgd_once(model, x, y, ball, eps, steps, step_size, random_start, loss, target)
-        with torch.no_grad():
-            logits = model(x_adv)
-            value = attack_loss(logits, y, loss, target)
-            done = succeeded(logits, y, target)
-        if best_loss is None:
-            best_adv, best_loss, best_done = x_adv, value, done
-            continue
-        better = (done & ~best_done) | ((done == best_done) & (value > best_loss))
-        best_adv = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_adv)
-        best_loss = torch.where(better, value, best_loss)
-        best_done = best_done | done
-    return best_adv
+    # The model's weights do not change during the attack: the masked weights (weight · mask) are computed once,
+    # not at every pass; and autograd is asked for the input gradient only.
+    with parametrize.cached(), torch.enable_grad():
+        if restarts == 1:  # nothing to choose from: no extra forward pass
+            return _pgd_once(model, x, y, ball, eps, steps, step_size, random_start, loss, target)
+        best_adv, best_loss, best_done = x.detach().clone(), None, None
+        for _ in range(restarts):
+            x_adv = _pgd_once(model, x, y, ball, eps, steps, step_size, random_start, loss, target)
+            with torch.no_grad():
+                logits = model(x_adv)
+                value = attack_loss(logits, y, loss, target)
+                done = succeeded(logits, y, target)
+            if best_loss is None:
+                best_adv, best_loss, best_done = x_adv, value, done
+                continue
+            better = (done & ~best_done) | ((done == best_done) & (value > best_loss))
+            best_adv = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_adv)
+            best_loss = torch.where(better, value, best_loss)
+            best_done = best_done | done
+        return best_adv
 
 
 def _pgd_once(model, x, y, ball, eps: float, steps: int, step_size: float, random_start: bool, loss: str,
               target: torch.Tensor | None) -> torch.Tensor:
+    """One PGD run. No host synchronisation in the loop (no ``.item()``, no data-dependent branch), so on a GPU
+    the steps queue without waiting."""
     x = x.detach()
-    x_adv = ball.project(ball.random_start(x, eps), x, eps) if random_start else x.clone()
+    project = ball.projector(x, eps)
+    x_adv = project(ball.random_start(x, eps)) if random_start else x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         value = attack_loss(model(x_adv), y, loss, target).sum()
         # Only the input gradient: autograd skips every weight-gradient kernel.
         (grad,) = torch.autograd.grad(value, x_adv)
-        x_adv = ball.project(ball.step(x_adv.detach(), grad, step_size), x, eps)
+        x_adv = project(ball.step(x_adv.detach(), grad, step_size))
     return x_adv.detach()
 
 
