@@ -8,9 +8,10 @@ for K = 10 (an attack backward needs no weight gradients). Rows:
 - ``straightforward``: the textbook loop — ``loss.backward()`` in every attack step (weight gradients computed and
   thrown away), a ``.item()`` host sync per step, the mask parametrization recomputed at every pass.
 
-Each case runs in its own process (so its peak memory is its own): warm-up steps, then the median over repeats of
-the mean step time over a block of steps. Peak memory is the process's peak RSS increase over its set-up (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA). MNIST training images are used when found, else uniform noise (the
+Each model runs in its own process (so its peak memory is its own): warm-up steps, then blocks of clean steps and
+blocks of PGD steps in alternation (machine noise hits both alike); the overhead is the median over the pairs of
+blocks of PGD time / clean time. Peak memory is the process's peak RSS increase over its set-up, training
+included (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA). MNIST training images are used when found, else uniform noise (the
 timing does not depend on the pixel values). ``--pruned`` also times the models with 90% of each layer's weights
 masked (the fine-tuning case).
 
@@ -75,6 +76,7 @@ def straightforward_step(model, optimizer, x, y, eps: float, steps: int) -> floa
 
 
 def run_case(args) -> dict:
+    """Clean and PGD training steps of one model, timed in alternating blocks (machine noise hits both alike)."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     x, y, source = batch(args.batch, device)
@@ -83,22 +85,16 @@ def run_case(args) -> dict:
         prune_90(model)
     cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-4, schedule="constant")
     optimizer = make_optimizer(model, cfg)
-    if args.objective == "benign":
-        objective = OBJECTIVES.get("benign")()
-    else:
-        objective = OBJECTIVES.get("pgd")(eps=0.3, steps=args.steps)
-    total = (args.warmup + args.repeats * args.block) * 2
-    step = TrainStep(model, optimizer, make_scheduler(optimizer, cfg, total), objective, "fp32", device)
+    total = 2 * (args.warmup + args.repeats * args.block)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    steps = {name: TrainStep(model, optimizer, scheduler, objective, "fp32", device)
+             for name, objective in (("clean", OBJECTIVES.get("benign")()),
+                                     ("pgd", OBJECTIVES.get("pgd")(eps=0.3, steps=args.steps)))}
     if args.variant == "straightforward":
-        def one() -> None:
-            if args.objective == "benign":
-                _clean(model, optimizer, x, y)
-            else:
-                straightforward_step(model, optimizer, x, y, 0.3, args.steps)
+        work = {"clean": lambda: _clean(model, optimizer, x, y),
+                "pgd": lambda: straightforward_step(model, optimizer, x, y, 0.3, args.steps)}
     else:
-        def one() -> None:
-            model.train()
-            step(x, y, 1.0)
+        work = {name: (lambda step=step: (model.train(), step(x, y, 1.0))) for name, step in steps.items()}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -106,20 +102,23 @@ def run_case(args) -> dict:
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.warmup):
-        one()
+        for one in work.values():
+            one()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times = {name: [] for name in work}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.block):
-            one()
-        sync()
-        times.append((time.perf_counter() - start) / args.block)
+        for name, one in work.items():
+            start = time.perf_counter()
+            for _ in range(args.block):
+                one()
+            sync()
+            times[name].append((time.perf_counter() - start) / args.block)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024)
-    return {"ms": 1000 * statistics.median(times), "peak_mib": peak, "source": source}
+    return {"clean_ms": 1000 * statistics.median(times["clean"]), "pgd_ms": 1000 * statistics.median(times["pgd"]),
+            "ratios": [p / c for p, c in zip(times["pgd"], times["clean"])], "peak_mib": peak, "source": source}
 
 
 def _clean(model, optimizer, x, y) -> None:
@@ -144,7 +143,6 @@ def main() -> None:
     parser.add_argument("--variants", default="robustprune,straightforward")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--objective", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -152,23 +150,21 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"PGD-{args.steps}, median of {args.repeats} blocks of {args.block} steps after {args.warmup} warm-up")
-    print("| model | masks | variant | clean step ms | PGD step ms | overhead | limit | peak MiB (PGD) |")
+    print("| model | masks | variant | clean step ms | PGD step ms | overhead | limit | peak MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     limit = (2 * args.steps + 3) / 3
     for model in args.models.split(","):
         for pruned in ([False, True] if args.pruned else [False]):
             for variant in args.variants.split(","):
-                result = {}
-                for objective in ("benign", "pgd"):
-                    cmd = [sys.executable, __file__, "--case", "--model", model, "--objective", objective,
-                           "--variant", variant, "--batch", str(args.batch), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--block", str(args.block), "--repeats", str(args.repeats),
-                           "--device", args.device] + (["--pruned"] if pruned else [])
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                    result[objective] = json.loads(out.strip().splitlines()[-1])
-                clean, adv = result["benign"]["ms"], result["pgd"]["ms"]
-                print(f"| {model} | {'90% masked' if pruned else 'dense'} | {variant} | {clean:.1f} | {adv:.1f} | "
-                      f"{adv / clean:.2f} | {limit:.1f} | {result['pgd']['peak_mib']:.0f} |", flush=True)
+                cmd = [sys.executable, __file__, "--case", "--model", model, "--variant", variant,
+                       "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--block", str(args.block), "--repeats", str(args.repeats), "--device", args.device]
+                out = subprocess.run(cmd + (["--pruned"] if pruned else []), check=True, capture_output=True,
+                                     text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                print(f"| {model} | {'90% masked' if pruned else 'dense'} | {variant} | {r['clean_ms']:.1f} | "
+                      f"{r['pgd_ms']:.1f} | {statistics.median(r['ratios']):.2f} | {limit:.1f} | "
+                      f"{r['peak_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
