@@ -53,7 +53,7 @@ def build(arch: dict[str, Any]) -> nn.Module:
 
 def _resized(module: nn.Module, shape: list[int], name: str) -> nn.Module:
     if isinstance(module, nn.Conv2d) and len(shape) == 4:
-        return nn.Conv2d(shape[1] * module.groups, shape[0], module.kernel_size, module.stride, module.padding,
+        return type(module)(shape[1] * module.groups, shape[0], module.kernel_size, module.stride, module.padding,
                          module.dilation, module.groups, module.bias is not None, module.padding_mode)
     if isinstance(module, nn.Linear) and len(shape) == 2:
         return nn.Linear(shape[1], shape[0], module.bias is not None)

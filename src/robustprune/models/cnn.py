@@ -18,6 +18,7 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models.base import MODELS, kaiming_init_
+from robustprune.models.layers import InputConv2d
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -30,7 +31,8 @@ def _conv_stack(input_shape: tuple[int, ...], specs: list[tuple[int, int, int, i
     channels, height, width = input_shape
     layers: list[nn.Module] = []
     for out_channels, kernel, stride, padding in specs:
-        layers += [nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding), nn.ReLU()]
+        conv = InputConv2d if not layers else nn.Conv2d  # the image-input layer gets the fast input gradient
+        layers += [conv(channels, out_channels, kernel, stride=stride, padding=padding), nn.ReLU()]
         channels = out_channels
         height = conv_out_size(height, kernel, stride, padding)
         width = conv_out_size(width, kernel, stride, padding)

@@ -13,6 +13,7 @@ from torch import nn
 
 from robustprune.models.base import MODELS
 from robustprune.models.base import kaiming_init_
+from robustprune.models.layers import InputConv2d
 
 
 class ResidualBlock(nn.Module):
@@ -54,7 +55,7 @@ def basic_block(in_channels: int, out_channels: int, stride: int) -> ResidualBlo
 def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """CIFAR ResNet-18 (≈11.2 M parameters); works for any input with H, W ≥ 1."""
     channels = input_shape[0]
-    layers: list[nn.Module] = [nn.Conv2d(channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    layers: list[nn.Module] = [InputConv2d(channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
     in_channels = 64
     for width, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
         layers += [basic_block(in_channels, width, stride), basic_block(width, width, 1)]

@@ -13,6 +13,7 @@ from torch import nn
 
 from robustprune.models.base import MODELS
 from robustprune.models.base import kaiming_init_
+from robustprune.models.layers import InputConv2d
 
 #: Configuration "D" of Simonyan & Zisserman: channel counts, "M" for a 2×2 max-pool.
 VGG16: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -31,7 +32,8 @@ def vgg16_bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
                 height, width = height // 2, width // 2
             continue
         out_channels = int(item)
-        layers += [nn.Conv2d(channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+        conv = InputConv2d if not layers else nn.Conv2d  # the image-input layer gets the fast input gradient
+        layers += [conv(channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
         channels = out_channels
     head = [nn.Flatten(), nn.Linear(channels * height * width, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes)]
     return kaiming_init_(nn.Sequential(*layers, *head))

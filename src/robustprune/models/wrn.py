@@ -16,6 +16,7 @@ from torch import nn
 
 from robustprune.models.base import MODELS
 from robustprune.models.base import kaiming_init_
+from robustprune.models.layers import InputConv2d
 from robustprune.models.resnet import ResidualBlock
 
 
@@ -37,7 +38,7 @@ def preact_block(in_channels: int, out_channels: int, stride: int) -> list[nn.Mo
 def wide_resnet(input_shape: tuple[int, ...], num_classes: int, depth: int, widen: int) -> nn.Sequential:
     """WRN-depth-widen: a 16-channel stem, three groups of (depth − 4) / 6 blocks, BN-ReLU-pool-linear head."""
     blocks_per_group = (depth - 4) // 6
-    layers: list[nn.Module] = [_conv3x3(input_shape[0], 16, 1)]
+    layers: list[nn.Module] = [InputConv2d(input_shape[0], 16, 3, padding=1, bias=False)]
     in_channels = 16
     for width, stride in [(16 * widen, 1), (32 * widen, 2), (64 * widen, 2)]:
         for index in range(blocks_per_group):
