@@ -47,7 +47,7 @@ class LinfBall(Ball):
         return x + torch.empty_like(x).uniform_(-eps, eps)
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        return x_adv + step_size * grad.sign()
+        return torch.add(x_adv, grad.sign(), alpha=step_size)  # = x_adv + step_size · sign: the product is exact
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
