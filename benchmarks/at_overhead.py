@@ -11,9 +11,9 @@ for K = 10 (an attack backward needs no weight gradients). Rows:
 Each model runs in its own process (so its peak memory is its own): warm-up steps, then blocks of clean steps and
 blocks of PGD steps in alternation (machine noise hits both alike); the overhead is the median over the pairs of
 blocks of PGD time / clean time. Peak memory is the process's peak RSS increase over its set-up, training
-included (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA). MNIST training images are used when found, else uniform noise (the
-timing does not depend on the pixel values). ``--pruned`` also times the models with 90% of each layer's weights
-masked (the fine-tuning case).
+included (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA). MNIST training images are used when found, else
+uniform noise (the timing does not depend on the pixel values). ``--pruned`` also times the models with 90% of
+each layer's weights masked (the fine-tuning case).
 
     .venv/bin/python benchmarks/at_overhead.py
     ROBUSTPRUNE_DATA=../shared/data .venv/bin/python benchmarks/at_overhead.py --models cnn-small,cnn-large --pruned

@@ -3,7 +3,8 @@
 Same model (eval mode), same images, batch, ε, step size (2.5 ε / steps), number of steps, one random start.
 Both attacks run on the first ``--n`` MNIST test images in batches; the table gives images per second (median of
 ``--repeats`` timings, the two libraries interleaved, taking turns at going first, so that machine noise hits both
-alike), the speed ratio (median over the interleaved pairs of their time / ours) and the accuracy under each attack (the work must be the same: equal accuracy within a few samples, the random starts differ).
+alike), the speed ratio (median over the interleaved pairs of their time / ours) and the accuracy under each
+attack (the work must be the same: equal accuracy within a few samples, the random starts differ).
 
 torchattacks is not a dependency of robustprune; install it in the benchmark environment only, without its
 dependencies (a plain install pulls another torch and torchvision)::
@@ -25,8 +26,8 @@ import torch
 from robustprune.attacks import pgd
 from robustprune.attacks.pgd import default_step_size
 from robustprune.data import load_dataset
-from robustprune.export import load
-from robustprune.models import create_model
+
+from common import mnist_cnn
 
 
 def main() -> None:
@@ -44,12 +45,7 @@ def main() -> None:
         raise SystemExit("torchattacks is not installed: .venv/bin/pip install --no-deps torchattacks==3.5.1")
     test = load_dataset("mnist").test
     x_all, y_all = test.x[:args.n], test.y[:args.n]
-    if args.checkpoint:
-        model = load(args.checkpoint, torch.device("cpu"))
-    else:
-        torch.manual_seed(0)
-        model = create_model("cnn-small", (1, 28, 28), 10)
-    model.eval()
+    model = mnist_cnn(args.checkpoint)
     batches = [(x_all[i:i + args.batch], y_all[i:i + args.batch]) for i in range(0, len(y_all), args.batch)]
 
     def ours(steps: int) -> torch.Tensor:

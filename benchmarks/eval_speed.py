@@ -20,8 +20,8 @@ import torch
 from robustprune.attacks import pgd
 from robustprune.bounds import verify
 from robustprune.data import load_dataset
-from robustprune.export import load
-from robustprune.models import create_model
+
+from common import mnist_cnn
 
 
 def main() -> None:
@@ -35,12 +35,7 @@ def main() -> None:
     parser.add_argument("--pruned", action="store_true")
     args = parser.parse_args()
     test = load_dataset("mnist").test
-    if args.checkpoint:
-        model = load(args.checkpoint, torch.device("cpu"))
-    else:
-        torch.manual_seed(0)
-        model = create_model("cnn-small", (1, 28, 28), 10)
-    model.eval()
+    model = mnist_cnn(args.checkpoint)
     variants = [("as loaded", model)]
     if args.pruned:
         import copy
