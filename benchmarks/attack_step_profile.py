@@ -22,13 +22,11 @@ from robustprune.attacks import pgd
 from robustprune.models import create_model
 
 
-def per_step_ms(fn, repeats: int, per_call: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) / per_call * 1000)
-    return statistics.median(times)
+def per_step_ms(fn, steps: int) -> float:
+    """Wall time of ``fn()`` per step, when one call runs ``steps`` steps."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) / steps * 1000
 
 
 def main() -> None:
@@ -67,8 +65,8 @@ def main() -> None:
     model.eval()
     attack_ms, clean_ms = [], []
     for _ in range(9):  # alternating blocks: the machine's speed drifts by tens of per cent within a minute
-        attack_ms.append(per_step_ms(attack, 1, args.steps))
-        clean_ms.append(per_step_ms(lambda: [clean() for _ in range(5)], 1, 5))
+        attack_ms.append(per_step_ms(attack, args.steps))
+        clean_ms.append(per_step_ms(lambda: [clean() for _ in range(5)], 5))
         model.eval()
     ratio = statistics.median(a / c for a, c in zip(attack_ms, clean_ms))
     print(f"unprofiled, median of 9 alternating blocks: attack step {statistics.median(attack_ms):.2f} ms, clean "
