@@ -1,6 +1,7 @@
 """Exact resume: a journal of the run's last safe point, rewritten atomically after every epoch and every stage.
 
-One file, ``RUN/resume.safetensors`` (safetensors: no pickle is ever loaded). Tensors: the model's whole state
+One file, ``RUN/resume.safetensors`` (safetensors: no pickle is ever loaded), with a SHA-256 checksum of its tensors
+and metadata (``export/digest.py``) that is verified before anything is restored. Tensors: the model's whole state
 dict (weights, masks, HYDRA scores) under ``model.``, the optimiser's tensors under ``optim.``, and the torch RNG
 states under ``rng.``. JSON metadata: the position — pipeline stage, index of the ``fit`` call within that stage,
 epochs done (the ε / κ / β schedules are functions of it) — the optimiser's other state and parameter groups, the
@@ -26,9 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robustprune.errors import UserError
+from robustprune.export import digest
 from robustprune.fileio import atomic_path
 
 JOURNAL = "resume.safetensors"
+_DELETE_IT = "; delete it to restart the run from its last stage checkpoint"
 STAGES = ("pretrain", "prune", "finetune")
 SKIP = "skip"
 
@@ -113,12 +116,19 @@ class Journal:
         try:
             self._tensors = load_file(str(self.path))
             with safe_open(str(self.path), "pt") as handle:
-                self._meta = json.loads(handle.metadata()["journal"])
-            self.saved = Position(**self._meta["position"])
+                metadata = handle.metadata() or {}
         except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{self.path}: unreadable resume journal ({type(err).__name__}: {err}); "
-                            "delete it to restart the run from its last stage checkpoint") from None
+            raise self._unreadable(f"{type(err).__name__}: {err}") from None
+        digest.check(self._tensors, metadata, f"{self.path}: the resume journal", _DELETE_IT)
+        try:
+            self._meta = json.loads(metadata["journal"])
+            self.saved = Position(**self._meta["position"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise self._unreadable(f"{type(err).__name__}: {err}") from None
         self.timing = dict(self._meta.get("timing", {}))
+
+    def _unreadable(self, reason: str) -> UserError:
+        return UserError(f"{self.path}: unreadable resume journal ({reason}){_DELETE_IT}")
 
     @property
     def metrics_lines(self) -> int:
@@ -178,8 +188,9 @@ class Journal:
         lines = _count_lines(self.metrics_path) if self.metrics_path is not None else 0
         meta = {"position": position.__dict__, "rng": rng_plain, "timing": self.timing, "metrics_lines": lines,
                 **plain}
+        tensors = {**tensors, **rng_tensors}
         with atomic_path(self.path) as tmp:
-            save_file({**tensors, **rng_tensors}, str(tmp), metadata={"journal": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata=digest.sign(tensors, {"journal": json.dumps(meta)}))
 
     def finish(self) -> None:
         """The run is complete: the journal is no longer needed."""

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from robustprune import cli
 from robustprune.errors import UserError
 from robustprune.export import load, read_metadata, save
-from robustprune.export import sparse
+from robustprune.export import digest, sparse
 from robustprune.export.describe import describe
 from robustprune.models import MODELS, create_model
 from robustprune.pruning import apply_masks, masks, prune, slim
@@ -179,7 +179,8 @@ def test_unknown_format_or_dtype_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------------ bad files
 
 def _rewrite_metadata(path, changes: dict) -> None:
-    """Rewrite a checkpoint with some metadata entries replaced (JSON values) or removed (None)."""
+    """Rewrite a checkpoint with some metadata entries replaced (JSON values) or removed (None), with the checksum
+    recomputed: the checks behind the checksum must refuse what a forger (or a buggy writer) can produce."""
     from safetensors import safe_open
     with safe_open(str(path), "pt") as handle:
         header = dict(handle.metadata())
@@ -189,7 +190,7 @@ def _rewrite_metadata(path, changes: dict) -> None:
             header.pop(key, None)
         else:
             header[key] = value if key in ("format", "format_version") else json.dumps(value)
-    save_file(tensors, str(path), metadata=header)
+    save_file(tensors, str(path), metadata=digest.sign(tensors, header))
 
 
 @pytest.fixture

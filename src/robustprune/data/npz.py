@@ -2,7 +2,8 @@
 
 Inputs may be (N, H, W), channels-last (N, H, W, C) with C in {1, 3}, or channels-first (N, C, H, W) (a 4-D array is
 taken as channels-last when its last axis is 1 or 3 and its second axis is not); uint8 values
-are divided by 255, float values must already lie in [0, 1]. Labels are integers in [0, K); K = largest label + 1.
+are divided by 255, float values must already lie in [0, 1]. Labels are integers in [0, K); K = largest label + 1
+(at most ``models.MAX_CLASSES``).
 Read with ``numpy.load(allow_pickle=False)``, so object arrays (pickles) are refused.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from robustprune.data.base import DATASETS, Dataset, DatasetSource, Split
 from robustprune.errors import UserError
+from robustprune.models import MAX_CLASSES
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -26,6 +28,8 @@ def to_nchw(x: np.ndarray, where: str) -> np.ndarray:
         x = x.transpose(0, 3, 1, 2)  # channels-last -> channels-first
     elif x.ndim != 4:
         raise UserError(f"{where}: expected shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
+    if 0 in x.shape[1:]:
+        raise UserError(f"{where}: images of shape {x.shape[1:]} hold no pixels")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
     if not np.issubdtype(x.dtype, np.floating):
@@ -43,8 +47,12 @@ def to_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
         y = y[:, 0]
     if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{where}: expected {n} integer labels of shape ({n},), got {y.dtype} {y.shape}")
-    if y.size and y.min() < 0:
-        raise UserError(f"{where}: labels must be >= 0, found {int(y.min())}")
+    if y.size:
+        low, high = int(y.min()), int(y.max())  # Python ints: a uint64 label must not wrap to -1 in int64
+        if low < 0:
+            raise UserError(f"{where}: labels must be >= 0, found {low}")
+        if high >= MAX_CLASSES:
+            raise UserError(f"{where}: labels must be class indices below {MAX_CLASSES:,}, found {high}")
     return y.astype(np.int64)
 
 

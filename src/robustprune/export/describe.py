@@ -1,6 +1,7 @@
 """What a robustprune file holds, without building the model: architecture, layout, per-layer density of the
-prunable weights (Conv / Linear), size on disk and the metrics stored with it. ONNX files (optional extra) get their
-size, opset, input and the density of their weight initializers."""
+prunable weights (Conv / Linear), size on disk and the metrics stored with it. A checkpoint first passes the checks
+of loading (``checkpoint.read``: checksum, metadata types, tensor shapes against the architecture, values). ONNX
+files (optional extra) get their size, opset, input and the density of their weight initializers."""
 from __future__ import annotations
 
 import math
@@ -8,42 +9,32 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from robustprune.errors import UserError
-from robustprune.export.checkpoint import read_metadata
+from robustprune.export.checkpoint import read
 from robustprune.pruning.masks import MASK_SUFFIX
 
 _METRICS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "compression")
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``path`` holds; a checkpoint is read with every check of :func:`checkpoint.read` (UserError)."""
     path = Path(path)
     if path.suffix == ".onnx":
         return _describe_onnx(path)
-    meta = read_metadata(path)
+    meta, state = read(path)
+    parts = (meta.get("sparse") or {}) if meta["layout"] == "sparse" else {}
     layers = []
-    try:
-        with safe_open(str(path), "pt") as handle:
-            names = set(handle.keys())
-            for name, part in (meta.get("sparse") or {}).items():
-                layers.append(_layer(name, part["shape"], int(part["count"]), part["encoding"]))
-            for name in sorted(names):
-                if not name.endswith(".weight") or name in (meta.get("sparse") or {}):
-                    continue
-                shape = list(handle.get_slice(name).get_shape())
-                if len(shape) not in (2, 4):  # Conv2d / Linear weights; norms are 1-D
-                    continue
-                mask = name + MASK_SUFFIX
-                counted = handle.get_tensor(mask if mask in names else name)
-                layers.append(_layer(name, shape, int(counted.count_nonzero()), "dense"))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise UserError(f"{path}: unreadable tensors ({str(err).splitlines()[0]})") from None
-    layers.sort(key=lambda layer: layer["name"])
+    for name in sorted(state):
+        if not name.endswith(".weight") or state[name].dim() not in (2, 4):  # Conv2d / Linear; norms are 1-D
+            continue
+        mask = state.get(name + MASK_SUFFIX)
+        nonzero = int((mask if mask is not None else state[name]).count_nonzero())
+        layers.append(_layer(name, list(state[name].shape), nonzero, parts[name]["encoding"] if name in parts
+                             else "dense"))
     total, kept = sum(layer["numel"] for layer in layers), sum(layer["nonzero"] for layer in layers)
     metrics = meta.get("metrics") or {}
     return {"file": str(path), "size_bytes": path.stat().st_size, "layout": meta["layout"], "dtype": meta["dtype"],
-            "arch": meta.get("arch"), "stage": meta.get("stage"), "layers": layers, "weights": total,
+            "arch": meta["arch"], "stage": meta.get("stage"), "layers": layers, "weights": total,
             "nonzero": kept, "compression": total / kept if kept else None,
             "metrics": {k: metrics.get(k) for k in _METRICS if k in metrics}}
 

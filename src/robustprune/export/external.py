@@ -38,7 +38,7 @@ def import_weights(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     state = _strip_prefixes(_unwrap(_read(path), path))
     state = _from_torch_prune(state)
-    _check_values(state, path)
+    check_values(state, path)
     _check_matches(model, state, path)
     try:
         load_plain_state_dict(model, state)
@@ -114,7 +114,7 @@ def _from_torch_prune(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _check_values(state: dict[str, Any], path: Path) -> None:
+def check_values(state: dict[str, Any], path: Path) -> None:
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         kinds = ", ".join(f"{k!r} ({type(state[k]).__name__})" for k in not_tensors[:_SHOWN])

@@ -32,6 +32,8 @@ def encode(mask: np.ndarray) -> tuple[str, np.ndarray]:
 def decode(encoding: str, data: np.ndarray, numel: int, count: int) -> np.ndarray:
     """The flat boolean mask of ``numel`` entries with ``count`` kept ones; ValueError on inconsistent data."""
     data = np.asarray(data, dtype=np.uint8).ravel()
+    if not 0 <= count <= numel:
+        raise ValueError(f"{count} kept weights of {numel}")
     if encoding == "bitmask":
         if len(data) != (numel + 7) // 8:
             raise ValueError(f"bitmask of {len(data)} bytes for {numel} weights")
@@ -41,8 +43,11 @@ def decode(encoding: str, data: np.ndarray, numel: int, count: int) -> np.ndarra
         return mask
     if encoding != "delta":
         raise ValueError(f"unknown position encoding {encoding!r}")
-    positions = np.cumsum(_varint_decode(data, count) + 1) - 1
-    if count and (positions[-1] >= numel):
+    gaps = _varint_decode(data, count)
+    if np.any(gaps >= np.uint64(numel)):  # compared as uint64: a huge gap must not wrap to a negative int64
+        raise ValueError("a position gap is longer than the tensor")
+    positions = np.cumsum(gaps.astype(np.int64) + 1) - 1  # an overflow of the sum is refused just below
+    if count and not (positions[0] >= 0 and positions[-1] < numel and np.all(np.diff(positions) > 0)):
         raise ValueError("positions run past the end of the tensor")
     mask = np.zeros(numel, dtype=bool)
     mask[positions] = True
@@ -84,7 +89,9 @@ def _varint_decode(data: np.ndarray, count: int) -> np.ndarray:
     shift = np.arange(len(data)) - first_byte[value_of_byte]
     if len(data) and shift.max() >= _MAX_BYTES:
         raise ValueError("a position gap is longer than 10 bytes")
+    if np.any((data[shift == _MAX_BYTES - 1] & 0x7F) > 1):  # bits 64 and up would be shifted out silently
+        raise ValueError("a position gap does not fit 64 bits")
     chunks = (data & 0x7F).astype(np.uint64) << (7 * shift).astype(np.uint64)
     if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.add.reduceat(chunks, first_byte).astype(np.int64)  # a value's bytes are contiguous
+        return np.zeros(0, dtype=np.uint64)
+    return np.add.reduceat(chunks, first_byte)  # uint64; a value's bytes are contiguous

@@ -1,12 +1,17 @@
 """Models: a registry of architectures, each wrapped as ``Sequential(Normalize, body)`` so inputs stay in [0, 1]."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from torch import nn
 
+from robustprune.errors import UserError
 from robustprune.models.base import MODELS, Normalize
 from robustprune.models import mlp, cnn, vgg, resnet, wrn  # noqa: F401  (registration)
+
+MAX_INPUT_SIDE = 65_536  # per input dimension (channels, height, width): far beyond any image benchmark
+MAX_CLASSES = 100_000  # a label or class count beyond this is a corrupted file, not a dataset
 
 
 def create_model(
@@ -31,9 +36,50 @@ def create_model(
     return model
 
 
+def check_spec(spec: Any) -> None:
+    """Refuse (UserError) a ``model.arch`` spec read from a file whose fields have the wrong types or sizes."""
+    if not isinstance(spec, dict):
+        raise UserError(f"architecture must be a mapping, got {type(spec).__name__}")
+    name = spec.get("name")
+    if not isinstance(name, str):
+        raise UserError(f"architecture name must be a string, got {_short(name)}")
+    if name not in MODELS:
+        raise UserError(MODELS.unknown_message(name[:80]))
+    shape = spec.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_int_in(s, 1, MAX_INPUT_SIDE) for s in shape)):
+        raise UserError(f"architecture input_shape must be 3 integers (C, H, W) in 1..{MAX_INPUT_SIDE}, got "
+                        f"{_short(shape)}")
+    if not _int_in(spec.get("num_classes"), 1, MAX_CLASSES):
+        raise UserError(f"architecture num_classes must be an integer in 1..{MAX_CLASSES}, got "
+                        f"{_short(spec.get('num_classes'))}")
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        if not (isinstance(values, list) and len(values) == shape[0] and all(_finite(v) for v in values)):
+            raise UserError(f"architecture {key} must be {shape[0]} finite numbers (one per channel), got "
+                            f"{_short(values)}")
+    if not all(v > 0 for v in spec["std"]):
+        raise UserError(f"architecture std must be positive, got {_short(spec['std'])}")
+
+
 def model_from_spec(spec: dict[str, Any]) -> nn.Sequential:
-    """Rebuild the architecture described by ``model.arch`` (weights are loaded separately)."""
+    """Rebuild the architecture described by ``model.arch`` (weights are loaded separately); UserError if the spec
+    is malformed (see :func:`check_spec`)."""
+    check_spec(spec)
     return create_model(spec["name"], spec["input_shape"], spec["num_classes"], spec["mean"], spec["std"])
 
 
-__all__ = ["MODELS", "Normalize", "create_model", "model_from_spec"]
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    """A value for a message, cut short (a crafted file may hold a huge list)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+__all__ = ["MAX_CLASSES", "MAX_INPUT_SIDE", "MODELS", "Normalize", "check_spec", "create_model", "model_from_spec"]
