@@ -5,17 +5,18 @@ Exit codes: 0 success, 2 bad input (one line on stderr), 1 anything else (set RO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from robustprune import __version__
+from robustprune import __version__, outdir
 from robustprune.allocator import keep_freed_memory
 from robustprune.config import Config, load_config
-from robustprune.errors import UserError, one_line
+from robustprune.errors import TrainingDiverged, UserError, one_line
 
 LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
@@ -134,7 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config or stored, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    default = Path("runs") / f"{outdir.folder_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else default
     from robustprune import distributed
 
     run(cfg, out, force=args.force, resume=args.resume, quiet=args.quiet)
@@ -147,15 +149,26 @@ def _checkpoint_config(args: argparse.Namespace, meta: dict) -> Config:
     return load_config(args.config, args.overrides, base=meta.get("config"))
 
 
-def _check_out_file(path: str, force: bool) -> Path:
-    out = Path(path)
+def _check_out_file(out: Path, force: bool) -> None:
+    """A stage command's output file can be written: checked before any work (data loading, training)."""
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a checkpoint file name like model.safetensors")
     if out.exists() and not force:
         raise UserError(f"--out {out} exists (use --force to replace it)")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    return out
+    outdir.check_writable(out.parent, f"--out {out}")
+
+
+@contextlib.contextmanager
+def _out_file(path: str, force: bool) -> Iterator[Path]:
+    """The checked output file, locked for the whole command (``.<name>.lock`` beside it, see ``outdir``): a second
+    command writing the same file is refused at once."""
+    out = Path(path)
+    _check_out_file(out, force)
+    with outdir.lock_file(out):
+        _check_out_file(out, force)  # again under the lock: another command may have written it meanwhile
+        yield out
 
 
 def _stage_setup(cfg: Config):
@@ -172,12 +185,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from robustprune.export import save
 
     cfg = load_config(args.config, args.overrides)
-    out = _check_out_file(args.out, args.force)
-    pipeline, data, generator, device = _stage_setup(cfg)
-    model = pipeline.new_model(cfg, data).to(device)
-    history = pipeline.pretrain(model, cfg, data, pipeline.build_objective(cfg.objective, cfg.threat),
-                                generator=generator, quiet=args.quiet)
-    save(model, out, stage="pretrained", config=cfg.to_dict(), history=history)
+    with _out_file(args.out, args.force) as out:
+        pipeline, data, generator, device = _stage_setup(cfg)
+        model = pipeline.new_model(cfg, data).to(device)
+        history = pipeline.pretrain(model, cfg, data, pipeline.build_objective(cfg.objective, cfg.threat),
+                                    generator=generator, quiet=args.quiet)
+        save(model, out, stage="pretrained", config=cfg.to_dict(), history=history)
     print(f"pre-trained model: {out}")
 
 
@@ -192,12 +205,12 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     overrides += [f"prune.scope={args.scope}"] if args.scope else []
     overrides += [f"prune.rule={args.rule}"] if args.rule else []
     cfg = load_config(args.config, overrides, base=meta.get("config"))
-    out = _check_out_file(args.out, args.force)
-    pipeline, data, generator, device = _stage_setup(cfg)  # data: HYDRA scores and iterative rounds train
-    model = load(args.checkpoint, device)
-    objective = pipeline.build_objective(cfg.objective, cfg.threat)
-    plan = pipeline.prune_model(model, cfg, data, objective, generator=generator, quiet=args.quiet)
-    save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
+    with _out_file(args.out, args.force) as out:
+        pipeline, data, generator, device = _stage_setup(cfg)  # data: HYDRA scores and iterative rounds train
+        model = load(args.checkpoint, device)
+        objective = pipeline.build_objective(cfg.objective, cfg.threat)
+        plan = pipeline.prune_model(model, cfg, data, objective, generator=generator, quiet=args.quiet)
+        save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
     s = sparsity_report(model)
     print(f"pruned model ({s['params_nonzero']}/{s['params_prunable']} weights kept, "
           f"compression {s['compression']:.2f}×): {out}")
@@ -208,13 +221,13 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     meta = read_metadata(args.checkpoint)
     cfg = _checkpoint_config(args, meta)
-    out = _check_out_file(args.out, args.force)
-    pipeline, data, generator, device = _stage_setup(cfg)
-    model = load(args.checkpoint, device)
-    objective_cfg = cfg.finetune_objective or cfg.objective
-    history = pipeline.finetune(model, cfg, data, pipeline.build_objective(objective_cfg, cfg.threat),
-                                generator=generator, quiet=args.quiet)
-    save(model, out, stage="finetuned", config=cfg.to_dict(), plan=meta.get("plan"), history=history)
+    with _out_file(args.out, args.force) as out:
+        pipeline, data, generator, device = _stage_setup(cfg)
+        model = load(args.checkpoint, device)
+        objective_cfg = cfg.finetune_objective or cfg.objective
+        history = pipeline.finetune(model, cfg, data, pipeline.build_objective(objective_cfg, cfg.threat),
+                                    generator=generator, quiet=args.quiet)
+        save(model, out, stage="finetuned", config=cfg.to_dict(), plan=meta.get("plan"), history=history)
     print(f"fine-tuned model: {out}")
 
 
@@ -248,7 +261,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     except ValueError:
         raise UserError(f"--compression takes numbers separated by commas, got {args.compression!r}") from None
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("sweeps") / cfg.name
+    out = Path(args.out) if args.out else Path("sweeps") / outdir.folder_name(cfg.name)
     sweep(cfg, out, compressions, _names(args.pretrain_objectives), _names(args.finetune_objectives),
           _names(args.rules), quiet=args.quiet)
     print(f"\nsweep folder: {out} (sweep.md, sweep.json, plots/)")
@@ -269,13 +282,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx" and args.dtype != "fp32":
         raise UserError("ONNX export writes fp32 weights; --dtype applies to sparse and slim")
     suffix = ".onnx" if args.format == "onnx" else f".{args.format}.safetensors"
-    out = _check_out_file(args.out or str(source.with_name(source.name.removesuffix(".safetensors") + suffix)),
-                          args.force)
-    if out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the checkpoint being exported")
-    model = load(source)
-    kept = {k: v for k, v in meta.items() if k not in ("layout", "dtype", "arch", "sparse")}
-    save(model, out, format=args.format, dtype=args.dtype, **({} if args.format == "onnx" else kept))
+    target = args.out or str(source.with_name(source.name.removesuffix(".safetensors") + suffix))
+    with _out_file(target, args.force) as out:
+        if out.resolve() == source.resolve():
+            raise UserError(f"--out {out} is the checkpoint being exported")
+        model = load(source)
+        kept = {k: v for k, v in meta.items() if k not in ("layout", "dtype", "arch", "sparse")}
+        save(model, out, format=args.format, dtype=args.dtype, **({} if args.format == "onnx" else kept))
     dense = 4 * sum(p.numel() for p in model.parameters()) + 4 * sum(b.numel() for n, b in model.named_buffers()
                                                                      if b.is_floating_point() and "mask" not in n)
     print(f"{args.format} export: {out} ({out.stat().st_size / 1e6:.3f} MB; the dense fp32 weights are "
@@ -297,11 +310,11 @@ def _cmd_import(args: argparse.Namespace) -> None:
     from robustprune.export.external import import_weights
 
     cfg = load_config(args.config, args.overrides)
-    out = _check_out_file(args.out, args.force)
-    pipeline, data, _, _ = _stage_setup(cfg)
-    model = pipeline.new_model(cfg, data)
-    import_weights(model, args.weights)
-    save(model, out, stage="pretrained", config=cfg.to_dict())
+    with _out_file(args.out, args.force) as out:
+        pipeline, data, _, _ = _stage_setup(cfg)
+        model = pipeline.new_model(cfg, data)
+        import_weights(model, args.weights)
+        save(model, out, stage="pretrained", config=cfg.to_dict())
     print(f"imported {args.weights} as a {cfg.model.name} checkpoint: {out}")
 
 
@@ -341,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"robustprune: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # not the input, not a bug: the run itself failed (its last journal is kept)
+        print(f"robustprune: error: {one_line(err)}", file=sys.stderr)
+        return 1
     except OSError as err:  # unwritable folder, disk full, ...: the system's reason, on one line
         where = f": {err.filename}" if err.filename else ""
         print(f"robustprune: error: {err.strerror or err}{where}", file=sys.stderr)

@@ -12,3 +12,8 @@ class UserError(ValueError):
 def one_line(value: object) -> str:
     """A message on one line (a reason quoted from elsewhere may hold newlines; stderr gets exactly one line)."""
     return " ".join(str(value).split())
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss or parameter: the run stops with one line and exit status 1 (not the
+    user's input, not a bug either); the last good resume journal is kept."""

@@ -15,10 +15,13 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path in the target's folder; on success it is fsync'ed and renamed to ``path``."""
+    """Yields a temporary path in the target's folder; on success it is fsync'ed and renamed to ``path``.
+
+    The temporary name is short and fixed-length (``.rp-<8 random>.tmp``), so any legal target name (up to 255
+    characters) works, and it matches the stale-temporary glob ``.*.tmp`` a resumed run clears."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".rp-", suffix=".tmp", dir=path.parent)
     except OSError as err:  # name the file asked for, not the random temporary name
         raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)
@@ -51,7 +54,7 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """One JSON line, flushed and fsync'ed (appending keeps earlier lines intact)."""
-    data = memoryview((json.dumps(record) + "\n").encode())
+    data = memoryview((json.dumps(record, allow_nan=False) + "\n").encode())  # strict JSON: no NaN
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)

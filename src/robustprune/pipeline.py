@@ -5,17 +5,18 @@ run exactly the code the pipeline runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 from torch import nn
 
-from robustprune import __version__, distributed
+from robustprune import __version__, distributed, outdir
 from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
@@ -139,17 +140,10 @@ def structure(model: nn.Module) -> dict:
     return {"dense": {"params": dense_params, "macs": dense_macs}, "slim": {"params": slim_params, "macs": slim_macs}}
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty folder unless ``force``; with ``force`` an old run folder's contents are replaced."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"--out {out} exists and is not empty (use --force to replace it)")
-        if not (out / "config.yaml").is_file():  # --force replaces runs, never an arbitrary folder (say, ~)
-            raise UserError(f"--out {out}: refusing to replace a folder that is not a robustprune run (no config.yaml)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out_dir(out: Path, force: bool, config_name: str) -> outdir.Lock:
+    """Create and lock the run folder ``out`` (``outdir.claim_folder``): a non-empty folder is refused unless
+    ``force``, and ``force`` replaces only a folder robustprune marked as a run. Returns the held lock."""
+    return outdir.claim_folder(out, outdir.RUN, config_name, force=force)
 
 
 STAGE_FILES = {"pretrain": "pretrained", "prune": "pruned", "finetune": "finetuned"}
@@ -180,36 +174,50 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
 
     After every epoch and stage a journal (``resume.py``) is written; ``resume=True`` continues an interrupted run
-    in ``out`` from it and ends with the metrics an uninterrupted run would have had.
+    in ``out`` from it and ends with the metrics an uninterrupted run would have had. The folder is locked for the
+    whole run (``outdir``): a second writer is refused at once.
     """
+    out = Path(out)
     check_names(cfg)
+    outdir.check_folder(out, outdir.RUN, force=force, resume=resume)  # before any work: a bad --out fails at once
     data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
     check_prunable(cfg, data)
     check_boundable(cfg, data)
     build_objective(cfg.objective, cfg.threat)
     if cfg.tensorboard:
-        from robustprune.tensorboard import Scalars, summary_writer_class
+        from robustprune.tensorboard import summary_writer_class
         summary_writer_class()  # a missing extra fails (exit 2) before anything is written
-    out = Path(out)
     device = distributed.local_device(resolve_device(cfg.device))
-    distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes
+    distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes (and locks)
     main = distributed.is_main()
     log = log if main else (lambda _: None)
     if resume:
         open_for_resume(out, cfg)
-        if (out / "report.json").is_file():
+    with contextlib.ExitStack() as held:
+        if main and resume:
+            held.enter_context(outdir.claim_folder(out, outdir.RUN, cfg.name, resume=True))
+        elif main:
+            held.enter_context(prepare_out_dir(out, force, cfg.name))
+            write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume and (out / "report.json").is_file():
             log(f"{out} is a finished run (report.json exists): nothing to resume")
             return json.loads((out / "report.json").read_text())
-    elif main:
-        prepare_out_dir(out, force)
-        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return _run_stages(cfg, out, data, device, main=main, resume=resume, quiet=quiet, log=log)
+
+
+def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, main: bool, resume: bool,
+                quiet: bool, log: Log) -> dict:
+    """The stages of ``run`` in the claimed folder ``out`` (continued from its journal when ``resume``)."""
     journal = Journal(out, resume=resume, enabled=main)
     distributed.barrier()  # every rank has read the journal before rank 0 writes a new one
     if main:
         remove_stale_temporaries(out)
         journal.metrics_path = out / "metrics.jsonl"
         truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
-    scalars = Scalars(out / "tensorboard") if cfg.tensorboard and main else None
+    scalars = None
+    if cfg.tensorboard and main:
+        from robustprune.tensorboard import Scalars
+        scalars = Scalars(out / "tensorboard")
 
     generator = start(cfg)
     model = new_model(cfg, data).to(device)

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from robustprune import __version__
+from robustprune import __version__, outdir
 from robustprune.config import Config, load_config
 from robustprune.errors import UserError
 from robustprune.export import load, read_metadata, save
@@ -60,7 +60,6 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
           log: Log = print) -> dict:
     """Run (or resume) the sweep into ``out``; returns the sweep record (also written as sweep.json / sweep.md)."""
     from robustprune import pipeline
-    from robustprune.plots import sweep_plots
 
     pretrain = list(pretrain) or [cfg.objective.name]
     finetune = list(finetune) or [(cfg.finetune_objective or cfg.objective).name]
@@ -70,12 +69,21 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
     todo = points(compressions, pretrain, finetune, rules)
     for point in todo:  # every name and budget is checked before anything runs
         pipeline.check_names(point_config(cfg, point))
+    out = Path(out)
+    _check_out(out, cfg)  # before any work: a bad --out fails at once
     data = pipeline.load_data(cfg)
     budgets = {(p.rule, p.compression): p for p in todo if p.compression > 1}  # objectives do not change a budget
     for point in budgets.values():
         pipeline.check_prunable(point_config(cfg, point), data)
-    out = Path(out)
-    _check_same_sweep(out, cfg)
+    with outdir.claim_folder(out, outdir.SWEEP, cfg.name):  # one writer at a time, for the whole sweep
+        _check_same_sweep(out, cfg)  # again under the lock: another sweep may have written its config meanwhile
+        return _run_sweep(cfg, out, todo, pretrain, data, quiet, log)
+
+
+def _run_sweep(cfg: Config, out: Path, todo: list[Point], pretrain: list[str], data, quiet: bool, log: Log) -> dict:
+    """Every point not yet on disk, then sweep.json, sweep.md and the plots, in the claimed folder ``out``."""
+    from robustprune.plots import sweep_plots
+
     (out / "points").mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dense = {name: _pretrained(cfg, name, data, out, quiet, log) for name in pretrain}
@@ -103,14 +111,18 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
     return result
 
 
+def _check_out(out: Path, cfg: Config) -> None:
+    """A new or empty folder, or a sweep folder of this very config (``outdir.check_folder``, then the config)."""
+    outdir.check_folder(out, outdir.SWEEP)
+    _check_same_sweep(out, cfg)
+
+
 def _check_same_sweep(out: Path, cfg: Config) -> None:
     """Resuming needs the same config: points computed under another one would be mixed in silently."""
     stored = out / "config.yaml"
     # read back through load_config: settings added by a newer robustprune take their defaults on both sides
     if stored.is_file() and load_config(stored).to_dict() != cfg.to_dict():
         raise UserError(f"{out} holds a sweep with another config; give a new --out or delete the folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
 
 
 def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) -> dict:

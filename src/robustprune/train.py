@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from robustprune import distributed
 from robustprune.config import TrainConfig
 from robustprune.data import Split
+from robustprune.errors import TrainingDiverged
 from robustprune.fileio import append_jsonl
 from robustprune.objectives import Objective
 from robustprune.objectives.schedules import linear_ramp
@@ -116,6 +117,15 @@ def fit(
         record = {"stage": stage, "epoch": epoch + 1, "loss": float(loss_sum) / n, "train_acc": float(correct) / n,
                   "lr": optimizer.param_groups[0]["lr"], "eps": objective.current_eps,
                   "time_s": round(time.perf_counter() - start, 3)}
+        diverged = _divergence(record["loss"], model)
+        if diverged:  # the epoch is logged (null loss: metrics.jsonl stays strict JSON), the journal is not
+            bar.close()
+            if metrics_path is not None:
+                append_jsonl(metrics_path, _json_safe(record))
+            raise TrainingDiverged(f"{stage} diverged in epoch {epoch + 1}: {diverged} (lr {cfg.lr:g}, ε "
+                                   f"{objective.current_eps:g}); try a lower {_section(stage)}.lr or a longer ε ramp "
+                                   f"({_section(stage)}.eps_warmup_epochs); the resume journal keeps the last good "
+                                   "epoch")
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
         history.append(record)
         if metrics_path is not None:
@@ -128,6 +138,27 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _divergence(loss: float, model: nn.Module) -> str | None:
+    """Why training must stop (a non-finite epoch loss or parameter), or None. Checked once per epoch: the epoch's
+    loss sum is non-finite as soon as one step's loss was, and a NaN weight poisons every later loss, so nothing is
+    missed while the training loop itself stays free of host synchronisations."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    return None if bad is None else f"parameter {bad} is not finite"
+
+
+def _section(stage: str) -> str:
+    """The config section holding the settings of a ``fit`` stage (for the divergence hint)."""
+    if stage == "hydra-scores":
+        return "prune.score_training"
+    return "finetune" if stage.startswith("prune-round") else stage
+
+
+def _json_safe(record: dict) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
