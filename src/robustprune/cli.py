@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--compression", type=float, help="prunable / nonzero prunable weights (>= 1)")
     amount.add_argument("--sparsity", type=float, help="fraction of prunable weights set to 0, in [0, 1)")
-    p.add_argument("--scope", choices=("layer", "global"))
+    p.add_argument("--scope", choices=("layer", "global", "erk"),
+                   help="layer: same rate per layer; global: one threshold; erk: Erdős–Rényi-Kernel rates")
     p.add_argument("--rule", help="pruning rule (robustprune list pruners)")
     _add_config_args(p)
     _add_out_args(p, "checkpoint")

@@ -42,10 +42,12 @@ class DataConfig:
     path: str | None = None  # a file, for datasets read from one file (npz)
     batch_size: int = 64
     eval_batch_size: int = 500
+    val_fraction: float = 0.0  # hold this fraction of the training images out of training (evaluate.split: val)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        _check(0 <= self.val_fraction < 1, f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     rule: str = "magnitude"  # a registered pruning rule (robustprune list pruners)
-    scope: str = "layer"  # layer: the same rate in every layer | global: one threshold over all layers
+    # layer: the same rate in every layer | global: one threshold over all layers | erk: Erdős–Rényi-Kernel rates
+    # (Evci et al. 2020), density ∝ (n_in + n_out + kh + kw) / (n_in·n_out·kh·kw), so small layers stay denser
+    scope: str = "layer"
     compression: float | None = 10.0  # prunable weights / nonzero prunable weights
     sparsity: float | None = None  # = 1 - 1/compression; give one of the two
     keep_first_dense: bool = False  # never prune the first Conv/Linear layer
@@ -131,7 +135,8 @@ class PruneConfig:
         default_factory=lambda: TrainConfig(epochs=5, optimizer="sgd", lr=0.1, schedule="cosine"))
 
     def __post_init__(self) -> None:
-        _check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+        scopes = ("layer", "global", "erk")
+        _check(self.scope in scopes, f"scope must be one of {', '.join(scopes)}, got {self.scope!r}")
         _check(0 <= self.min_density <= 1, f"min_density must lie in [0, 1], got {self.min_density}")
         _check(self.schedule in ("oneshot", "iterative"), f"schedule must be 'oneshot' or 'iterative', got {self.schedule!r}")
         _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
@@ -167,7 +172,7 @@ class EvalConfig:
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
     verifiers: tuple[str, ...] = ("ibp", "crown")  # sound verifiers (robustprune list verifiers); () for none
     verify_n_samples: int | None = None  # verify only the first n evaluated samples (full CROWN on big models)
-    attacks: tuple[str, ...] = ("pgd",)  # robustprune list attacks: pgd, fgsm, autoattack
+    attacks: tuple[str, ...] = ("pgd",)  # robustprune list attacks: pgd, fgsm, autoattack, square
     pgd_loss: str = "ce"  # ce | margin (Carlini-Wagner), for pgd and fgsm
     pgd_eps_fractions: tuple[float, ...] = (0.5,)  # PGD also at these fractions of ε: accuracy must not rise with ε
     autoattack_attacks: tuple[str, ...] = ()  # subset of apgd-ce, apgd-t, fab-t, square (empty: all, standard)
@@ -178,6 +183,11 @@ class EvalConfig:
     smoothing_alpha: float = 0.001  # failure probability of each certificate
     smoothing_n_samples: int | None = 100  # certify the first n evaluated samples
     smoothing_radii: tuple[float, ...] = (0.25, 0.5)  # L2 radii of the reported certified accuracies
+    split: str = "test"  # test | val: report on the test images, or on data.val_fraction held out of training
+    masking_check: bool = True  # Square (gradient-free) after the gradient attacks, unless AutoAttack runs
+    square_queries: int = 300  # queries per sample of that check (AutoAttack's own Square uses 5,000)
+    square_n_samples: int | None = None  # the check on the first n evaluated samples only (None: all)
+    masking_threshold: float = 0.02  # warn when Square breaks more than this fraction the gradient attacks left
 
     def __post_init__(self) -> None:
         _check(len(set(self.attacks)) == len(self.attacks), "attacks must not repeat a name")
@@ -190,6 +200,10 @@ class EvalConfig:
         _check(0 < self.smoothing_alpha < 1, "smoothing_alpha must lie in (0, 1)")
         _check(self.smoothing_n_samples is None or self.smoothing_n_samples >= 1, "smoothing_n_samples must be >= 1")
         _check(all(r >= 0 for r in self.smoothing_radii), "smoothing_radii must be >= 0")
+        _check(self.split in ("test", "val"), f"split must be test or val, got {self.split!r}")
+        _check(self.square_queries >= 1, "square_queries must be >= 1")
+        _check(self.square_n_samples is None or self.square_n_samples >= 1, "square_n_samples must be >= 1")
+        _check(0 <= self.masking_threshold < 1, "masking_threshold must lie in [0, 1)")
         _check(self.pgd_steps >= 0, "pgd_steps must be >= 0 (0 disables the attack)")
         _check(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         _check(self.pgd_step_size is None or self.pgd_step_size > 0, "pgd_step_size must be > 0")
@@ -225,6 +239,8 @@ class Config:
         _check(self.threads is None or 1 <= self.threads <= 4096, f"threads must be 1..4096, got {self.threads}")
         _check(self.precision in ("fp32", "bf16", "fp16"),
                f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _check(self.evaluate.split == "test" or self.data.val_fraction > 0,
+               "evaluate.split: val needs data.val_fraction > 0 (the images held out of training)")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -7,6 +7,12 @@ A sample counts as robust to an attack only if it is classified correctly both c
 by a method when the method's lower bounds of every margin z_y − z_j over the whole L∞ ball ∩ [0, 1] are positive;
 ``verified_acc`` counts the samples verified by at least one method (each is sound, so their union is too).
 
+``robust_acc`` is the headline: a sample is robust only if it survives *every* attack that ran (per-sample worst
+case, on the first ``n_robust_eval`` samples, which all of them covered). Unless AutoAttack runs, a short Square
+attack (gradient-free) runs after the gradient attacks by default; ``masking_gap`` is the fraction of samples it
+(or AutoAttack) breaks that the gradient attacks left, and a gap above ``masking_threshold`` is a gradient-masking
+warning.
+
 Invariants, checked on every evaluation:
 - a verified sample is classified correctly and no attack breaks it — a violation means an unsound bound or a broken
   attack and raises ``SoundnessError`` instead of reporting numbers;
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from robustprune import distributed
-from robustprune.attacks import autoattack, fgsm, pgd
+from robustprune.attacks import autoattack, fgsm, pgd, square
 from robustprune.bounds import verify
 from robustprune.config import EvalConfig, ThreatConfig
 from robustprune.data import Split
@@ -37,7 +43,22 @@ def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
                    loss=cfg.pgd_loss)
     if name == "fgsm":
         return fgsm(model, x, y, eps, threat.norm, loss=cfg.pgd_loss)
+    if name == "square":
+        return square(model, x, y, eps, threat.norm, cfg.square_queries, seed=seed)
     return autoattack(model, x, y, eps, threat.norm, cfg.autoattack_attacks, seed=seed)
+
+
+GRADIENT_ATTACKS = ("pgd", "fgsm")  # what gradient masking fools; Square and AutoAttack's Square do not need gradients
+
+
+def attack_plan(cfg: EvalConfig, n: int) -> dict[str, int]:
+    """Attack name → how many of the first evaluated samples it covers. The gradient-free check (Square) joins the
+    configured attacks unless AutoAttack, which ends with Square itself, already runs."""
+    attacks = [a for a in cfg.attacks if not (a == "pgd" and cfg.pgd_steps == 0)]
+    if cfg.masking_check and attacks and not {"autoattack", "square"} & set(attacks):
+        attacks.append("square")
+    caps = {"autoattack": cfg.autoattack_n_samples, "square": cfg.square_n_samples}
+    return {a: n if caps.get(a) is None else min(n, caps[a]) for a in attacks}
 
 
 def evaluate(
@@ -59,9 +80,8 @@ def evaluate(
     n = len(test) if cfg.n_samples is None else min(cfg.n_samples, len(test))
     was_training = model.training
     model.eval()
-    attacks = [a for a in cfg.attacks if not (a == "pgd" and cfg.pgd_steps == 0)]
-    counts = {a: n if a != "autoattack" or cfg.autoattack_n_samples is None else min(n, cfg.autoattack_n_samples)
-              for a in attacks}
+    counts = attack_plan(cfg, n)
+    attacks = list(counts)
     runs = [(a, threat.eps) for a in attacks]
     runs += [(f"pgd@{f:g}", f * threat.eps) for f in cfg.pgd_eps_fractions if "pgd" in attacks]
     clean = torch.zeros(n, dtype=torch.bool)
@@ -94,7 +114,12 @@ def evaluate(
     def accuracy(flags: torch.Tensor | None) -> float | None:
         return int(flags.sum()) / len(flags) if flags is not None and len(flags) else None
 
+    robust, n_robust = worst_case(clean, {a: survived[a] for a in attacks})
+    gap, masking = masking_gap(clean, survived, cfg)
     metrics = {
+        "robust_acc": accuracy(robust),
+        "n_robust_eval": n_robust,
+        "masking_gap": gap,
         "benign_acc": accuracy(clean),
         "pgd_acc": accuracy(survived.get("pgd")),
         "autoattack_acc": accuracy(survived.get("autoattack")),
@@ -105,7 +130,7 @@ def evaluate(
         "n_eval": n,
         "n_autoattack_eval": counts.get("autoattack"),
         "n_verified_eval": None,
-        "warnings": consistency_warnings(clean, survived, cfg.pgd_eps_fractions),
+        "warnings": masking + consistency_warnings(clean, survived, cfg.pgd_eps_fractions),
     }
     if verified:
         held_all = clean.clone()
@@ -117,6 +142,40 @@ def evaluate(
         metrics.update(verified_acc=int(union.sum()) / n_verify if n_verify else None, n_verified_eval=n_verify,
                        verified_by={k: int(v.sum()) / n_verify for k, v in verified.items()} if n_verify else {})
     return metrics
+
+
+def worst_case(clean: torch.Tensor, survived: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, int | None]:
+    """Per sample, robust to every attack that ran at ε — on the first samples all of them covered — and that
+    count (None, None when no attack ran). A sample two attacks break in different ways counts once, as broken."""
+    if not survived:
+        return None, None
+    count = min(len(flags) for flags in survived.values())
+    held = clean[:count].clone()
+    for flags in survived.values():
+        held &= flags[:count]
+    return held, count
+
+
+def masking_gap(clean: torch.Tensor, survived: dict[str, torch.Tensor], cfg: EvalConfig) -> tuple[float | None, list]:
+    """The fraction of samples a gradient-free attack breaks that every gradient attack left (on the samples all of
+    them ran on), and a warning when it exceeds ``masking_threshold``: the gradient attacks were fooled (gradient
+    masking) or are too weak, and their figures overstate robustness."""
+    gradient = {a: f for a, f in survived.items() if a in GRADIENT_ATTACKS}
+    free = next((a for a in ("square", "autoattack") if a in survived), None)
+    if not gradient or free is None:
+        return None, []
+    held, count = worst_case(clean, gradient)
+    count = min(count, len(survived[free]))
+    if count == 0:
+        return None, []
+    left = held[:count]
+    gap = int((left & ~survived[free][:count]).sum()) / count
+    if gap <= cfg.masking_threshold:
+        return gap, []
+    what = f"Square (gradient-free, {cfg.square_queries} queries)" if free == "square" else "AutoAttack"
+    return gap, [f"gradient masking: {what} breaks {100 * gap:.1f}% of the first {count} samples that "
+                 f"{' and '.join(gradient)} left (threshold {100 * cfg.masking_threshold:g}%): the gradient "
+                 "attacks overstate robustness; robust_acc counts these samples as broken"]
 
 
 def consistency_warnings(clean: torch.Tensor, survived: dict[str, torch.Tensor], fractions) -> list[str]:

@@ -20,7 +20,7 @@ from robustprune import __version__, distributed, outdir
 from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
-from robustprune.data import DATASETS, Dataset, load_dataset
+from robustprune.data import DATASETS, Dataset, hold_out, load_dataset
 from robustprune.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
@@ -79,7 +79,16 @@ def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
 
 
 def load_data(cfg: Config) -> Dataset:
-    return load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
+    """The dataset, with ``data.val_fraction`` of the training images held out of training; evaluation then reports
+    on them instead of the test images when ``evaluate.split`` is ``val`` (choosing settings never sees the test)."""
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
+    if cfg.data.val_fraction == 0:
+        return data
+    train, val = hold_out(data.train, cfg.data.val_fraction)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"data.val_fraction {cfg.data.val_fraction:g} of {len(data.train)} training images leaves "
+                        "an empty training or validation split")
+    return Dataset(data.name, train, val if cfg.evaluate.split == "val" else data.test, data.num_classes)
 
 
 def new_model(cfg: Config, data: Dataset) -> nn.Module:
@@ -244,9 +253,11 @@ def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, 
         if scalars is not None:
             scalars.stage(stage, stages[stage])
         s = stages[stage]
-        pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("pgd_acc", "verified_acc"))
-        log(f"{stage:>10}: compression {s['compression']:.2f}×  benign {s['benign_acc']:.3f}  PGD {pgd}  "
-            f"verified {verified}" + ("" if s["autoattack_acc"] is None else f"  AutoAttack {s['autoattack_acc']:.3f}"))
+        robust, pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("robust_acc", "pgd_acc",
+                                                                                  "verified_acc"))
+        log(f"{stage:>10}: compression {s['compression']:.2f}×  robust {robust}  benign {s['benign_acc']:.3f}  "
+            f"PGD {pgd}  verified {verified}"
+            + ("" if s["autoattack_acc"] is None else f"  AutoAttack {s['autoattack_acc']:.3f}"))
         for warning in s["warnings"]:
             log(f"warning: {stage}: {warning}")
 

@@ -1,6 +1,6 @@
 """PNG plots of runs and sweeps (matplotlib, object API and the Agg canvas: no global pyplot state, no display).
 
-- sweep: accuracy (benign / PGD / AutoAttack / verified, whichever were measured) against compression on a log
+- sweep: accuracy (robust / benign / PGD / AutoAttack / verified, whichever were measured) against compression on a log
   axis, one line per pre-training → fine-tuning objective pair and rule, the dense model as a dashed reference line;
   and retention (fraction of the dense value kept) against compression.
 - run: the accuracies of the three stages as grouped bars, and the training curves (loss, train accuracy per epoch)
@@ -15,9 +15,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from robustprune.fileio import atomic_path
+from robustprune.report import METRICS
 
-METRICS = (("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
-           ("verified_acc", "verified"))
 
 
 def _save(figure: Figure, path: Path) -> Path:

@@ -8,10 +8,13 @@ from typing import Any
 from robustprune.fileio import write_json, write_text
 
 STAGES = ("pretrained", "pruned", "finetuned")
-STAGE_FIELDS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "attack_acc", "smoothing",
+STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "attack_acc", "smoothing",
                 "params_prunable", "params_nonzero", "compression", "sparsity", "n_eval", "n_autoattack_eval",
                 "n_verified_eval", "warnings")
-RETAINED = {"benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
+#: What runs and sweeps show, headline first: robust = the per-sample worst case over every attack run.
+METRICS = (("robust_acc", "robust"), ("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
+           ("verified_acc", "verified"))
+RETAINED = {"robust": "robust_acc", "benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
 
 
 def finite(value: Any) -> Any:
@@ -54,13 +57,19 @@ def _pct(value: float | None) -> str:
 
 def stage_table(report: dict) -> str:
     """Markdown table of the stages: compression and every accuracy measured (— where not measured)."""
-    header = "| stage | compression | sparsity | benign | PGD | AutoAttack | verified | n |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = "| stage | compression | sparsity | robust (worst case) | benign | PGD | AutoAttack | verified | n |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in report["stages"].items():
         comp = "—" if s.get("compression") is None else f"{s['compression']:.2f}×"
-        lines.append(f"| {name} | {comp} | {_pct(s.get('sparsity'))} | {_pct(s.get('benign_acc'))} | "
+        lines.append(f"| {name} | {comp} | {_pct(s.get('sparsity'))} | **{_pct(s.get('robust_acc'))}** | "
+                     f"{_pct(s.get('benign_acc'))} | "
                      f"{_pct(s.get('pgd_acc'))} | {_pct(s.get('autoattack_acc'))} | {_pct(s.get('verified_acc'))} | "
                      f"{s.get('n_eval')} |")
+    robust_counts = {s.get("n_robust_eval") for s in report["stages"].values()} - {None}
+    if robust_counts:
+        attacks = sorted({a.split("@")[0] for s in report["stages"].values() for a in s.get("attack_acc") or {}})
+        lines.append(f"\nRobust = survives every attack run ({', '.join(attacks)}), on the first "
+                     f"{', '.join(map(str, sorted(robust_counts)))} samples.")
     by_method = [f"{name}: " + ", ".join(f"{k} {_pct(v)}" for k, v in s["verified_by"].items())
                  for name, s in report["stages"].items() if s.get("verified_by")]
     if by_method:

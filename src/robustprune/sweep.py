@@ -23,11 +23,9 @@ from robustprune.config import Config, load_config
 from robustprune.errors import UserError
 from robustprune.export import load, read_metadata, save
 from robustprune.fileio import write_json, write_text
-from robustprune.report import STAGE_FIELDS, finite
+from robustprune.report import METRICS, STAGE_FIELDS, finite
 
 Log = Callable[[str], None]
-METRICS = (("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
-           ("verified_acc", "verified"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Every registered attack (PGD with CE and margin losses, targeted; FGSM; AutoAttack through pyautoattack): points in
+"""Every registered attack (PGD with CE and margin losses, targeted; FGSM; AutoAttack and Square through pyautoattack): points in
 the ε-ball ∩ [0, 1], success on an undefended model, restarts and stronger attacks never weaker; and the evaluation
 that runs them: per-attack accuracies, ε monotonicity, consistency warnings, smoothing figures, the verified
 invariant against every attack."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustprune.attacks import ATTACKS, attack_loss, autoattack, fgsm, pgd, succeeded
+from robustprune.attacks import ATTACKS, attack_loss, autoattack, fgsm, pgd, square, succeeded
 from robustprune.config import EvalConfig, ThreatConfig
 from robustprune.errors import UserError
 from robustprune.models import create_model
@@ -36,14 +36,16 @@ def run(name: str, model, x, y, eps: float, norm: str = "linf", **options):
         return pgd(model, x, y, eps, steps=20, restarts=2, norm=norm, **options)
     if name == "fgsm":
         return fgsm(model, x, y, eps, norm=norm, **options)
+    if name == "square":
+        return square(model, x, y, eps, norm, queries=300)
     return autoattack(model, x, y, eps, norm, attacks=("apgd-ce", "apgd-t"))
 
 
 def test_the_registry_names_every_attack():
-    assert set(ATTACKS.names()) == {"pgd", "fgsm", "autoattack"}
+    assert set(ATTACKS.names()) == {"pgd", "fgsm", "autoattack", "square"}
 
 
-@pytest.mark.parametrize("name", ["pgd", "fgsm", "autoattack"])
+@pytest.mark.parametrize("name", ATTACKS.names())
 @pytest.mark.parametrize("norm, eps", [("linf", 0.3), ("l2", 1.0)])
 def test_points_stay_in_the_ball_and_the_domain(trained, tiny_data, name, norm, eps):
     x, y = tiny_data.test.x[:40], tiny_data.test.y[:40]
@@ -54,7 +56,7 @@ def test_points_stay_in_the_ball_and_the_domain(trained, tiny_data, name, norm, 
     assert torch.all(size <= eps + 1e-5)
 
 
-@pytest.mark.parametrize("name", ["pgd", "fgsm", "autoattack"])
+@pytest.mark.parametrize("name", ATTACKS.names())
 def test_attacks_break_an_undefended_model(trained, tiny_data, name):
     x, y = tiny_data.test.x[:60], tiny_data.test.y[:60]
     clean = (trained(x).argmax(1) == y).float().mean()

@@ -42,6 +42,15 @@ class Dataset:
         return x.mean(1).tolist(), x.std(1).clamp_min(1e-6).tolist()
 
 
+def hold_out(split: Split, fraction: float) -> tuple[Split, Split]:
+    """(the rest, the held-out part): ``round(fraction · N)`` images drawn by a fixed permutation (seed 0), so the
+    same images are held out whatever the run's seed and runs with different seeds stay comparable."""
+    count = round(fraction * len(split))
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+    held, rest = order[:count].sort().values, order[count:].sort().values
+    return Split(split.x[rest], split.y[rest]), Split(split.x[held], split.y[held])
+
+
 class DatasetSource(ABC):
     """A registered reader: knows which files it expects under the data root and how to read them."""
 

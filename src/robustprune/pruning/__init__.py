@@ -16,7 +16,7 @@ from robustprune.pruning.masks import (
     sparsity_report,
 )
 from robustprune.pruning import hydra
-from robustprune.pruning.plan import SELECTORS, PruningPlan, floors, keep_budget, layer_counts
+from robustprune.pruning.plan import SELECTORS, PruningPlan, erk_counts, floors, keep_budget, layer_counts
 
 
 def dense_layers(model: nn.Module, keep_first_dense: bool, keep_last_dense: bool) -> set[str]:
@@ -51,8 +51,10 @@ def prune(
     layers = dict(prunable_layers(model))
     dense = dense_layers(model, keep_first_dense, keep_last_dense)
     if importance.structured:
-        from robustprune.pruning.structured import channel_masks
+        from robustprune.pruning.structured import SCOPES, channel_masks
 
+        if scope not in SCOPES:  # channels, not weights, are the unit: ERK's per-weight densities do not map onto them
+            raise UserError(f"rule {rule} is structured and takes scope {' or '.join(SCOPES)}, not {scope!r}")
         chosen = channel_masks(model, None, compression, scope,
                                ignored_layers=[layers[n] for n in dense], min_density=min_density)
     else:
@@ -80,15 +82,16 @@ def attach_learned_scores(model: nn.Module, compression: float, scope: str = "la
     dense = dense_layers(model, keep_first_dense, keep_last_dense)
     sizes = {n: m.weight.numel() for n, m in layers.items()}
     scored = [n for n in layers if n not in dense]
-    if scope == "layer":
-        counts = layer_counts(sizes, compression, dense, min_density)
+    if scope in ("layer", "erk"):  # a fixed count per layer: the scores compete only within their layer
+        counts = (layer_counts(sizes, compression, dense, min_density) if scope == "layer" else
+                  erk_counts({n: tuple(m.weight.shape) for n, m in layers.items()}, compression, dense, min_density))
         params = hydra.attach_scores(model, compression, "layer", layers=scored)
         for path, score_mask in hydra.score_masks(model).items():
             score_mask.k = min(counts[path.rpartition(".")[0]], int(score_mask.allowed.sum()))
             score_mask.clear_cache()
         return params
     if min_density > 0:
-        raise UserError("rule hydra with scope global takes no min_density (use scope layer)")
+        raise UserError("rule hydra with scope global takes no min_density (use scope layer or erk)")
     budget = keep_budget(sizes, compression, floors(sizes, dense, 0.0))
     kept_in_scored = budget - sum(sizes[n] for n in dense)
     return hydra.attach_scores(model, sum(sizes[n] for n in scored) / kept_in_scored, "global", layers=scored)

@@ -146,4 +146,60 @@ def select_global(scores: dict[str, torch.Tensor], compression: float, dense: se
     return out
 
 
-SELECTORS = {"layer": select_layerwise, "global": select_global}
+def erk_counts(shapes: dict[str, tuple[int, ...]], compression: float, dense: set[str] = frozenset(),
+               min_density: float = 0.0) -> dict[str, int]:
+    """Weights kept per layer for scope ``erk``: Erdős–Rényi-Kernel (Evci et al. 2020, "Rigging the Lottery").
+
+    A layer of shape (n_out, n_in, kh, kw) gets density ε·(n_out + n_in + kh + kw) / (n_out·n_in·kh·kw) (Linear:
+    ε·(n_out + n_in) / (n_out·n_in)), i.e. it keeps ε·sum(shape) weights: small layers stay denser than large ones.
+    One factor ε for all layers meets the budget, each layer clamped between its floor (dense layers, min_density)
+    and dense; the integer counts then add up to the budget exactly.
+    """
+    sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+    low = floors(sizes, dense, min_density)
+    budget = keep_budget(sizes, compression, low)
+    weight = {n: float(sum(shape)) for n, shape in shapes.items()}
+    scale = _erk_scale(weight, low, sizes, budget)
+    share = {n: min(sizes[n], max(low[n], scale * weight[n])) for n in sizes}
+    return _round_to_total(share, sizes, budget)
+
+
+def _erk_scale(weight: dict[str, float], low: dict[str, int], high: dict[str, int], budget: int) -> float:
+    """The factor ε with Σ clamp(ε·weight, low, high) = budget.
+
+    RigL's code finds ε by a loop: make the layer whose density would exceed 1 dense, recompute ε over the rest,
+    repeat. With floors a layer can also be held up at its floor, and fixing one side can undo the other, so instead:
+    the sum is continuous, non-decreasing and linear between the points where some layer reaches its floor or turns
+    dense, hence ε is exact by interpolation between the two such points around the budget (RigL's fixed point when
+    no floor binds).
+    """
+    def kept(scale: float) -> float:
+        return sum(min(high[n], max(low[n], scale * weight[n])) for n in weight)
+
+    below = 0.0
+    for point in sorted({bound / weight[n] for n in weight for bound in (low[n], high[n])}):
+        if kept(point) >= budget:
+            gain = kept(point) - kept(below)
+            return below + (budget - kept(below)) / gain * (point - below) if gain > 0 else point
+        below = point
+    return below  # not reached: at the last point every layer is dense, and keep_budget never asks for more
+
+
+def _round_to_total(share: dict[str, float], sizes: dict[str, int], budget: int) -> dict[str, int]:
+    """Whole counts from fractional shares summing to ``budget``: round down, then the largest remainders get +1."""
+    counts = {n: math.floor(v) for n, v in share.items()}
+    room = sorted((n for n in share if counts[n] < sizes[n]), key=lambda n: share[n] - counts[n], reverse=True)
+    for name in room[:budget - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def select_erk(scores: dict[str, torch.Tensor], compression: float, dense: set[str] = frozenset(),
+               min_density: float = 0.0) -> dict[str, torch.Tensor]:
+    """Erdős–Rényi-Kernel counts per layer (:func:`erk_counts`; score shapes are the weight shapes), each layer
+    keeping its own highest scores."""
+    counts = erk_counts({n: tuple(s.shape) for n, s in scores.items()}, compression, dense, min_density)
+    return {name: _top_mask(s, counts[name]) for name, s in scores.items()}
+
+
+SELECTORS = {"layer": select_layerwise, "global": select_global, "erk": select_erk}
