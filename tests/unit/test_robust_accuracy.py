@@ -114,3 +114,16 @@ def test_masking_warning_fires_on_a_masked_model_and_stays_quiet_on_the_honest_o
     assert masked["masking_gap"] > 0.02
     assert any(w.startswith("gradient masking: Square") for w in masked["warnings"])
     assert masked["robust_acc"] < masked["pgd_acc"]
+
+
+def test_square_leaves_the_callers_random_stream_alone():
+    """pyautoattack reseeds the global RNG; the check must not change the random starts of the attacks after it."""
+    from robustprune.attacks import square
+
+    model = create_model("mlp", (1, 8, 8), 10).eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    square(model, x, y, 0.1, queries=20)
+    assert torch.equal(torch.rand(3), expected)

@@ -33,5 +33,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm:
         return x.detach().clone()
     runner = SquareAttack(model, norm=_NORMS[norm], n_queries=queries, eps=eps, seed=seed, loss="margin",
                           device=x.device)
-    with torch.no_grad(), parametrize.cached():  # logits only: no graph, the masked weights computed once
+    # pyautoattack reseeds the global RNG: a forked RNG keeps the caller's stream (later attacks' starts) unchanged
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad(), \
+            parametrize.cached():  # logits only: no graph, the masked weights computed once
         return runner.perturb(x.detach(), y).detach()
