@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -52,9 +53,20 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite number (a diverged loss, the compression of an all-zero model)
+    becomes null, in nested dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """One JSON line, flushed and fsync'ed (appending keeps earlier lines intact)."""
-    data = memoryview((json.dumps(record, allow_nan=False) + "\n").encode())  # strict JSON: no NaN
+    """One JSON line, flushed and fsync'ed (appending keeps earlier lines intact); strict JSON, null for non-finite
+    numbers (:func:`finite`)."""
+    data = memoryview((json.dumps(finite(record), allow_nan=False) + "\n").encode())
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)

@@ -1,29 +1,20 @@
 """report.json (DESIGN.md §5), report.md, and the console table — one table, rendered for both."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from robustprune.fileio import write_json, write_text
+from robustprune.fileio import finite, write_json, write_text
 
 STAGES = ("pretrained", "pruned", "finetuned")
-STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "verified_by", "attack_acc", "smoothing",
-                "params_prunable", "params_nonzero", "compression", "sparsity", "n_eval", "n_autoattack_eval",
-                "n_verified_eval", "warnings")
+STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc",
+                "verified_acc", "verified_by", "attack_acc", "smoothing", "params_prunable", "params_nonzero",
+                "compression", "sparsity", "n_eval", "n_autoattack_eval", "n_verified_eval", "warnings")
 #: What runs and sweeps show, headline first: robust = the per-sample worst case over every attack run.
 METRICS = (("robust_acc", "robust"), ("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
            ("verified_acc", "verified"))
-RETAINED = {"robust": "robust_acc", "benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc", "verified": "verified_acc"}
-
-
-def finite(value: Any) -> Any:
-    """JSON has no infinity: a non-finite number (e.g. compression of an all-zero model) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    return value
+RETAINED = {"robust": "robust_acc", "benign": "benign_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc",
+            "verified": "verified_acc"}
 
 
 def retention(stages: dict[str, dict]) -> dict[str, float | None]:

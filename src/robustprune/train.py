@@ -121,7 +121,7 @@ def fit(
         if diverged:  # the epoch is logged (null loss: metrics.jsonl stays strict JSON), the journal is not
             bar.close()
             if metrics_path is not None:
-                append_jsonl(metrics_path, _json_safe(record))
+                append_jsonl(metrics_path, record)
             raise TrainingDiverged(f"{stage} diverged in epoch {epoch + 1}: {diverged} (lr {cfg.lr:g}, ε "
                                    f"{objective.current_eps:g}); try a lower {_section(stage)}.lr or a longer ε ramp "
                                    f"({_section(stage)}.eps_warmup_epochs); the resume journal keeps the last good "
@@ -155,10 +155,6 @@ def _section(stage: str) -> str:
     if stage == "hydra-scores":
         return "prune.score_training"
     return "finetune" if stage.startswith("prune-round") else stage
-
-
-def _json_safe(record: dict) -> dict:
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -163,7 +163,8 @@ def test_two_runs_on_one_folder(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"pretrained", "pruned", "finetuned"}
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["epoch"]) for e in epochs] == [("pretrain", e) for e in range(1, EPOCHS + 1)] + [("finetune", 1)]
+    expected = [("pretrain", e) for e in range(1, EPOCHS + 1)] + [("finetune", 1)]
+    assert [(e["stage"], e["epoch"]) for e in epochs] == expected
     assert not list(out.glob(".*.tmp")) and not (out / outdir.LOCK).exists()
 
 
@@ -239,7 +240,8 @@ def test_a_marked_sweep_folder_and_an_old_unmarked_one_are_continued(tmp_path, m
 
 
 @pytest.mark.parametrize("name, expected", [("../../x", "x"), ("a/b", "a-b"), ("..", "unnamed"), ("", "unnamed"),
-                                            ("ok_name-1.2", "ok_name-1.2"), ("é x", "x"), ("a é", "a--"), ("y" * 300, "y" * 100)])
+                                            ("ok_name-1.2", "ok_name-1.2"), ("é x", "x"), ("a é", "a--"),
+                                            ("y" * 300, "y" * 100)])
 def test_folder_name_is_one_safe_component(name, expected):
     assert outdir.folder_name(name) == expected
 

@@ -1,5 +1,5 @@
-"""Every registered attack (PGD with CE and margin losses, targeted; FGSM; AutoAttack and Square through pyautoattack): points in
-the ε-ball ∩ [0, 1], success on an undefended model, restarts and stronger attacks never weaker; and the evaluation
+"""Every registered attack (PGD with CE and margin losses, targeted; FGSM; AutoAttack and Square through
+pyautoattack): points in the ε-ball ∩ [0, 1], success on an undefended model, restarts and stronger attacks never weaker; and the evaluation
 that runs them: per-attack accuracies, ε monotonicity, consistency warnings, smoothing figures, the verified
 invariant against every attack."""
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Attacks: threat-model geometry (``geometry``) apart from the attack loops (``pgd``: PGD and FGSM; ``autoattack``:
-the pyautoattack adapter; ``square``: the gradient-free Square attack through pyautoattack). Every attack takes (model, x, y, eps, norm, ...) and returns points of the ε-ball ∩ [0, 1].
+the pyautoattack adapter; ``square``: the gradient-free Square attack through pyautoattack). Every attack takes
+(model, x, y, eps, norm, ...) and returns points of the ε-ball ∩ [0, 1].
 """
 from robustprune.attacks.autoattack import autoattack
 from robustprune.attacks.geometry import BALLS, Ball, L2Ball, LinfBall
