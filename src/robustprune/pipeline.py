@@ -27,9 +27,12 @@ from robustprune.export import load, read_metadata, save
 from robustprune.fileio import write_json, write_text
 from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
-from robustprune.pruning import PRUNERS, PruningPlan, attach_learned_scores, hydra, masks, prune, slim, sparsity_report
+from robustprune.objectives.base import Penalised
+from robustprune.pruning import (
+    PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, harp, masks, prune, slim, sparsity_report,
+)
 from robustprune.pruning.structured import count_macs_params
-from robustprune.report import build_report, stage_table, write_report
+from robustprune.report import build_report, layer_rows, stage_table, write_report
 from robustprune.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
 from robustprune.runtime import resolve_device, start
 from robustprune.train import fit
@@ -57,7 +60,8 @@ def check_prunable(cfg: Config, data: Dataset) -> None:
     """Dry-run the pruning budget on a fresh model, so an unreachable request fails before anything is written."""
     p = cfg.prune
     if PRUNERS.get(p.rule).learned:
-        attach_learned_scores(new_model(cfg, data), p.target_compression, p.scope, **p.budget_options())
+        attach_learned_scores(new_model(cfg, data), p.target_compression, p.scope, rule=p.rule,
+                              **p.budget_options())
     else:
         prune(new_model(cfg, data), p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
 
@@ -124,11 +128,15 @@ def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, obj
     options = p.budget_options()
     if not PRUNERS.get(p.rule).learned:
         return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
-    attach_learned_scores(model, target, p.scope, **options)
-    fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage="hydra-scores",
+    attach_learned_scores(model, target, p.scope, rule=p.rule, **options)
+    if p.rule == "harp":  # the budget term joins the run's own objective for the joint phase
+        objective = Penalised(objective, lambda net: harp.budget_penalty(net, target, p.rate_penalty))
+    fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage=f"{p.rule}-scores",
         **training(cfg), **fit_options)
-    hydra.finalize_scores(model)
-    return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model), options=options)
+    learned = {"learned_densities": harp.learned_densities(model)} if p.rule == "harp" else {}
+    finalize_learned(model, target, **options)
+    return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model),
+                       options={**options, **learned})
 
 
 def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
@@ -299,7 +307,7 @@ def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, 
     for kind in ("sparse", "slim") if structured else ("sparse",):  # the fine-tuned model, really compressed
         artifacts[kind] = str(save(model, out / f"finetuned.{kind}.safetensors", format=kind, stage="finetuned",
                                    metrics=stages["finetuned"], plan=plan.summary(), **meta))
-    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts)
+    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts, layer_rows(plan.summary()))
     if structured:
         report["structure"] = structure(model)
     write_report(out, report)

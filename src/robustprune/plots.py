@@ -3,8 +3,8 @@
 - sweep: accuracy (robust / benign / PGD / AutoAttack / verified, whichever were measured) against compression on a log
   axis, one line per pre-training → fine-tuning objective pair and rule, the dense model as a dashed reference line;
   and retention (fraction of the dense value kept) against compression.
-- run: the accuracies of the three stages as grouped bars, and the training curves (loss, train accuracy per epoch)
-  of ``metrics.jsonl``.
+- run: the accuracies of the three stages as grouped bars, the density each layer kept (the allocation), and the
+  training curves (loss, train accuracy per epoch) of ``metrics.jsonl``.
 Every file is written atomically.
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def sweep_plots(result: dict, folder: Path) -> list[Path]:
 
 
 def run_plots(report: dict, run_dir: Path) -> list[Path]:
-    """stages.png (accuracy per stage) and, when metrics.jsonl has epochs, training.png, in ``run_dir/plots``."""
+    """stages.png (accuracy per stage), densities.png (per-layer density) and, when metrics.jsonl has epochs,
+    training.png, in ``run_dir/plots``."""
     stages = report.get("stages") or {}
     measured = _measured(list(stages.values()))
     paths = []
@@ -102,6 +103,8 @@ def run_plots(report: dict, run_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         paths.append(_save(figure, run_dir / "plots" / "stages.png"))
+    if report.get("layers"):
+        paths.append(_save(_density_figure(report), run_dir / "plots" / "densities.png"))
     epochs = _epochs(run_dir / "metrics.jsonl")
     if epochs:
         figure = Figure(figsize=(9, 3.4))
@@ -121,6 +124,35 @@ def run_plots(report: dict, run_dir: Path) -> list[Path]:
         acc_ax.legend(fontsize=8)
         paths.append(_save(figure, run_dir / "plots" / "training.png"))
     return paths
+
+
+def _density_figure(report: dict) -> Figure:
+    """The density each pruned layer kept (log axis), the uniform rate 1 / compression as a dashed reference and
+    HARP's learned densities (before the exact budget) as markers."""
+    layers = report["layers"]
+    figure = Figure(figsize=(max(4.0, 0.7 * len(layers) + 2), 3.6), layout="constrained")
+    ax = figure.subplots()
+    xs = list(range(len(layers)))
+    ax.bar(xs, [row["density"] for row in layers], 0.6, label="kept")
+    learned = [(x, row["learned_density"]) for x, row in zip(xs, layers) if row.get("learned_density") is not None]
+    if learned:
+        ax.plot(*zip(*learned), linestyle="none", marker="o", color="black", label="learned (HARP)")
+    compression = (report["stages"].get("finetuned") or {}).get("compression")
+    if compression:
+        ax.axhline(1 / compression, linestyle="--", linewidth=1, color="gray", label="uniform 1 / compression")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{row['layer']}\n{row['weights']:,}" for row in layers], fontsize=7)
+    densities = [row["density"] for row in layers] + [d for _, d in learned]
+    if max(densities) > 10 * min(densities):  # a log axis only where the allocation spans decades
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, min(1.0, 1.15 * max(densities)))
+    ax.set_ylabel("density (kept / weights)")
+    prune = report["config"].get("prune", {})
+    ax.set_title(f"per-layer density: {prune.get('rule')} ({prune.get('scope')})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", axis="y", alpha=0.3)
+    return figure
 
 
 def _epochs(path: Path) -> list[dict]:

@@ -27,8 +27,21 @@ def retention(stages: dict[str, dict]) -> dict[str, float | None]:
     return out
 
 
+def layer_rows(plan_summary: dict) -> list[dict]:
+    """report.json ``layers``: each pruned layer's weights, kept count and density (the allocation the rule chose),
+    with HARP's learned density before the exact budget was applied."""
+    learned = (plan_summary.get("options") or {}).get("learned_densities") or {}
+    rows = []
+    for path, counts in plan_summary["params"].items():
+        if path.endswith(".weight"):
+            layer = path.removesuffix(".weight")
+            rows.append({"layer": layer, "weights": counts["total"], "kept": counts["kept"],
+                         "density": counts["kept"] / counts["total"], "learned_density": learned.get(layer)})
+    return rows
+
+
 def build_report(version: str, config: dict, stages: dict[str, dict], timing: dict[str, float],
-                 artifacts: dict[str, Any]) -> dict:
+                 artifacts: dict[str, Any], layers: list[dict] | None = None) -> dict:
     threat = config.get("threat", {})
     return finite({
         "robustprune_version": version,
@@ -37,6 +50,7 @@ def build_report(version: str, config: dict, stages: dict[str, dict], timing: di
         "stages": {name: {f: stages[name].get(f) for f in STAGE_FIELDS} for name in STAGES if name in stages},
         "retention": retention(stages),
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
+        "layers": layers or [],
         "artifacts": artifacts,
         "warnings": [f"{name}: {w}" for name in STAGES if name in stages for w in stages[name].get("warnings") or []],
     })
@@ -83,10 +97,24 @@ def stage_table(report: dict) -> str:
     kept = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if v is not None)
     if kept:
         lines.append(f"\nRetention (fine-tuned / pre-trained): {kept}")
+    if report.get("layers"):
+        lines.append("\n" + layer_table(report["layers"]))
     if report.get("structure"):
         d, s = report["structure"]["dense"], report["structure"]["slim"]
         lines.append(f"Slim model: {s['params']:,} of {d['params']:,} parameters, {s['macs']:,} of {d['macs']:,} "
                      f"MACs per example ({d['macs'] / max(s['macs'], 1):.2f}× fewer)")
+    return "\n".join(lines)
+
+
+def layer_table(layers: list[dict]) -> str:
+    """Markdown table of the final per-layer allocation."""
+    learned = any(row.get("learned_density") is not None for row in layers)
+    lines = ["| layer | weights | kept | density |" + (" learned density |" if learned else ""),
+             "|---|---:|---:|---:|" + ("---:|" if learned else "")]
+    for row in layers:
+        extra = f" {100 * row['learned_density']:.2f}% |" if row.get("learned_density") is not None else " — |"
+        extra = extra if learned else ""
+        lines.append(f"| {row['layer']} | {row['weights']:,} | {row['kept']:,} | {100 * row['density']:.2f}% |{extra}")
     return "\n".join(lines)
 
 

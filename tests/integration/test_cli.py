@@ -89,6 +89,9 @@ def test_run_writes_the_whole_run_folder(tmp_path, capsys):
     assert set(fine["verified_by"]) == {"ibp", "crown"} and fine["n_verified_eval"] == 50
     assert all(s["verified_acc"] is not None for s in report["stages"].values())
     assert report["stages"]["pretrained"]["compression"] == 1.0
+    layers = report["layers"]  # the allocation: per layer, and adding up to the stage's counts
+    assert sum(row["kept"] for row in layers) == fine["params_nonzero"]
+    assert all(row["density"] == row["kept"] / row["weights"] for row in layers)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in lines] == [("pretrain", 1), ("finetune", 1)]
     assert "| pruned |" in (out / "report.md").read_text() and "Verified by method" in (out / "report.md").read_text()

@@ -84,13 +84,14 @@ def test_report_rerenders_a_sweep(tiny_sweep, capsys):
 
 def test_a_run_embeds_its_plots_and_report_rerenders_them(tmp_path, capsys):
     report = run(load_config(None, TINY), tmp_path / "run", quiet=True, log=lambda _: None)
-    plots = [tmp_path / "run" / "plots" / n for n in ("stages.png", "training.png")]
+    plots = [tmp_path / "run" / "plots" / n for n in ("stages.png", "densities.png", "training.png")]
     assert report["artifacts"]["plots"] == [str(p) for p in plots]
     for plot in plots:
         assert_png(plot)
         plot.unlink()
     text = (tmp_path / "run" / "report.md").read_text()
     assert "![stages](plots/stages.png)" in text and "![training](plots/training.png)" in text
+    assert "![densities](plots/densities.png)" in text and "| layer | weights | kept | density |" in text
     assert main(["report", str(tmp_path / "run")]) == 0
     assert all(p.is_file() for p in plots)
 

@@ -123,8 +123,9 @@ class PruneConfig:
     schedule: str = "oneshot"  # oneshot | iterative (the seed: geometric steps, fine-tuning between rounds)
     rounds: int = 3  # iterative: compression^(r/rounds) after round r
     round_epochs: int = 1  # iterative: fine-tuning epochs (finetune settings) between rounds
-    score_training: TrainConfig = field(  # hydra: the score phase (weights frozen, same objective)
+    score_training: TrainConfig = field(  # hydra, harp: the score phase (weights frozen, same objective)
         default_factory=lambda: TrainConfig(epochs=5, optimizer="sgd", lr=0.1, schedule="cosine"))
+    rate_penalty: float = 1.0  # harp: weight of max(0, kept fraction · compression - 1) in the score-phase loss
 
     def __post_init__(self) -> None:
         scopes = ("layer", "global", "erk")
@@ -133,6 +134,8 @@ class PruneConfig:
         _check(self.schedule in ("oneshot", "iterative"), f"schedule must be 'oneshot' or 'iterative', got {self.schedule!r}")
         _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _check(self.round_epochs >= 0, f"round_epochs must be >= 0, got {self.round_epochs}")
+        _check(math.isfinite(self.rate_penalty) and self.rate_penalty >= 0,
+               f"rate_penalty must be a finite number >= 0, got {self.rate_penalty}")
         _check((self.compression is None) != (self.sparsity is None), "compression or sparsity: give exactly one of the two")
         if self.compression is not None:
             _check(math.isfinite(self.compression) and self.compression >= 1,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -60,3 +60,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+class Penalised(Objective):
+    """An objective plus a penalty on the model itself (HARP's budget term): ``loss = inner + penalty(model)``.
+
+    The ε schedule is the inner objective's (``fit`` scales this wrapper; it passes the scale on), so the robust
+    loss is the very one the wrapped objective trains with.
+    """
+
+    def __init__(self, inner: Objective, penalty: Callable[[nn.Module], torch.Tensor]) -> None:
+        super().__init__(inner.eps)
+        self.inner, self.penalty = inner, penalty
+        self.name = inner.name
+
+    @property
+    def current_eps(self) -> float:
+        return self.inner.current_eps
+
+    def set_eps_scale(self, scale: float) -> None:
+        self.inner.set_eps_scale(scale)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = self.inner.forward(model, x, y)
+        return loss + self.penalty(model).to(loss.device, loss.dtype), logits
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "penalised": True}

@@ -15,7 +15,7 @@ from robustprune.pruning.masks import (
     apply_masks, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers, set_mask,
     sparsity_report,
 )
-from robustprune.pruning import hydra
+from robustprune.pruning import harp, hydra
 from robustprune.pruning.plan import SELECTORS, PruningPlan, erk_counts, floors, keep_budget, layer_counts
 
 
@@ -71,17 +71,23 @@ def prune(
                        options=options)
 
 
-def attach_learned_scores(model: nn.Module, compression: float, scope: str = "layer", *,
+def attach_learned_scores(model: nn.Module, compression: float, scope: str = "layer", *, rule: str = "hydra",
                           keep_first_dense: bool = False, keep_last_dense: bool = False,
                           min_density: float = 0.0) -> list[nn.Parameter]:
-    """Start HYDRA's score phase under the same budget rules as :func:`prune` (dense layers, floors, target).
+    """Start a learned rule's training phase under the same budget rules as :func:`prune` (dense layers, floors,
+    target): HYDRA's scores, or HARP's scores and per-layer rates (which start from ``scope``'s allocation).
 
-    Returns the score parameters; train them with the objective, then call ``hydra.finalize_scores(model)``.
+    Returns the trainable parameters; train them with the objective (HARP: plus :func:`harp.budget_penalty`), then
+    call :func:`finalize_learned`.
     """
     layers = dict(prunable_layers(model))
     dense = dense_layers(model, keep_first_dense, keep_last_dense)
     sizes = {n: m.weight.numel() for n, m in layers.items()}
     scored = [n for n in layers if n not in dense]
+    if rule == "harp":
+        start = _magnitude_selection(layers, compression, scope, dense, min_density)
+        densities = {n: float(start[n].sum()) / sizes[n] for n in scored}
+        return harp.attach_rates(model, {n: layers[n] for n in scored}, densities, dict.fromkeys(scored, min_density))
     if scope in ("layer", "erk"):  # a fixed count per layer: the scores compete only within their layer
         counts = (layer_counts(sizes, compression, dense, min_density) if scope == "layer" else
                   erk_counts({n: tuple(m.weight.shape) for n, m in layers.items()}, compression, dense, min_density))
@@ -97,6 +103,27 @@ def attach_learned_scores(model: nn.Module, compression: float, scope: str = "la
     return hydra.attach_scores(model, sum(sizes[n] for n in scored) / kept_in_scored, "global", layers=scored)
 
 
+def _magnitude_selection(layers: dict[str, nn.Module], compression: float, scope: str, dense: set[str],
+                         min_density: float) -> dict[str, torch.Tensor]:
+    """What magnitude pruning in ``scope`` would keep (HARP's starting densities); pruned weights stay pruned."""
+    with torch.no_grad():
+        scores = {n: torch.where(m.weight != 0, m.weight.abs().float(), torch.full_like(m.weight.float(), -math.inf))
+                  for n, m in layers.items()}
+    return SELECTORS[scope](scores, compression, dense, min_density)
+
+
+def finalize_learned(model: nn.Module, compression: float, *, keep_first_dense: bool = False,
+                     keep_last_dense: bool = False, min_density: float = 0.0) -> dict[str, torch.Tensor]:
+    """End a learned rule's phase: fixed masks, every parameter trainable. HYDRA keeps its top-k; HARP shares
+    exactly the requested budget by its learned densities (same dense layers and floors as the attach)."""
+    if not harp.rate_masks(model):
+        return hydra.finalize_scores(model)
+    layers = dict(prunable_layers(model))
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    low = floors(sizes, dense_layers(model, keep_first_dense, keep_last_dense), min_density)
+    return harp.finalize_rates(model, keep_budget(sizes, compression, low), sizes, low)
+
+
 def slim(model: nn.Module) -> nn.Module:
     """A new, smaller ordinary model with structurally pruned channels cut out (same outputs as ``model``)."""
     from robustprune.pruning.structured import slim as cut
@@ -104,6 +131,6 @@ def slim(model: nn.Module) -> nn.Module:
     return cut(model)  # traced on a zero batch of model.arch['input_shape']
 
 
-__all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "hydra", "dense_layers", "layer_density",
-           "load_plain_state_dict", "masks", "plain_state_dict", "prunable_layers", "prune", "set_mask", "slim",
-           "sparsity_report"]
+__all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "dense_layers",
+           "finalize_learned", "harp", "hydra", "layer_density", "load_plain_state_dict", "masks", "plain_state_dict",
+           "prunable_layers", "prune", "set_mask", "slim", "sparsity_report"]

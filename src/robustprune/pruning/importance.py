@@ -74,3 +74,16 @@ class Hydra(Importance):
 
     def scores(self, module: nn.Module, generator: torch.Generator | None = None) -> torch.Tensor:
         return module.weight.detach().abs()
+
+
+@PRUNERS.register("harp")
+class Harp(Importance):
+    """HARP (Zhao & Wressnegger, ICLR 2023): HYDRA's trained scores plus a trained density per layer, the network's
+    total held to the requested compression by a penalty and made exact at the end; ``scope`` gives the starting
+    densities. See ``pruning.harp``."""
+
+    name = "harp"
+    learned = True
+
+    def scores(self, module: nn.Module, generator: torch.Generator | None = None) -> torch.Tensor:
+        return module.weight.detach().abs()

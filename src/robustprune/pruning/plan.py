@@ -158,13 +158,19 @@ def erk_counts(shapes: dict[str, tuple[int, ...]], compression: float, dense: se
     sizes = {n: math.prod(shape) for n, shape in shapes.items()}
     low = floors(sizes, dense, min_density)
     budget = keep_budget(sizes, compression, low)
-    weight = {n: float(sum(shape)) for n, shape in shapes.items()}
-    scale = _erk_scale(weight, low, sizes, budget)
+    return proportional_counts({n: float(sum(shape)) for n, shape in shapes.items()}, sizes, low, budget)
+
+
+def proportional_counts(weight: dict[str, float], sizes: dict[str, int], low: dict[str, int],
+                        budget: int) -> dict[str, int]:
+    """Whole counts ∝ ``weight`` adding up to ``budget``: one factor for every layer, each layer clamped between
+    its floor ``low`` and its size (ERK's weights are sum(shape); HARP's are its learned density · size)."""
+    scale = _scale_to_budget(weight, low, sizes, budget)
     share = {n: min(sizes[n], max(low[n], scale * weight[n])) for n in sizes}
     return _round_to_total(share, sizes, budget)
 
 
-def _erk_scale(weight: dict[str, float], low: dict[str, int], high: dict[str, int], budget: int) -> float:
+def _scale_to_budget(weight: dict[str, float], low: dict[str, int], high: dict[str, int], budget: int) -> float:
     """The factor ε with Σ clamp(ε·weight, low, high) = budget.
 
     RigL's code finds ε by a loop: make the layer whose density would exceed 1 dense, recompute ε over the rest,
@@ -177,7 +183,7 @@ def _erk_scale(weight: dict[str, float], low: dict[str, int], high: dict[str, in
         return sum(min(high[n], max(low[n], scale * weight[n])) for n in weight)
 
     below = 0.0
-    for point in sorted({bound / weight[n] for n in weight for bound in (low[n], high[n])}):
+    for point in sorted({bound / weight[n] for n in weight if weight[n] > 0 for bound in (low[n], high[n])}):
         if kept(point) >= budget:
             gain = kept(point) - kept(below)
             return below + (budget - kept(below)) / gain * (point - below) if gain > 0 else point
