@@ -29,7 +29,8 @@ from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
 from robustprune.objectives.base import Penalised
 from robustprune.pruning import (
-    PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, harp, masks, prune, slim, sparsity_report,
+    PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, harp, kept_per_layer, masks, prune, slim,
+    sparsity_report,
 )
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, layer_rows, stage_table, write_report
@@ -307,7 +308,8 @@ def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, 
     for kind in ("sparse", "slim") if structured else ("sparse",):  # the fine-tuned model, really compressed
         artifacts[kind] = str(save(model, out / f"finetuned.{kind}.safetensors", format=kind, stage="finetuned",
                                    metrics=stages["finetuned"], plan=plan.summary(), **meta))
-    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts, layer_rows(plan.summary()))
+    layers = layer_rows(kept_per_layer(model), plan.options.get("learned_densities"))
+    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts, layers)
     if structured:
         report["structure"] = structure(model)
     write_report(out, report)

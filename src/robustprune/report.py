@@ -27,17 +27,12 @@ def retention(stages: dict[str, dict]) -> dict[str, float | None]:
     return out
 
 
-def layer_rows(plan_summary: dict) -> list[dict]:
-    """report.json ``layers``: each pruned layer's weights, kept count and density (the allocation the rule chose),
+def layer_rows(kept: dict[str, tuple[int, int]], learned: dict[str, float] | None = None) -> list[dict]:
+    """report.json ``layers``: each prunable layer's weights, kept count and density (the allocation the rule chose),
     with HARP's learned density before the exact budget was applied."""
-    learned = (plan_summary.get("options") or {}).get("learned_densities") or {}
-    rows = []
-    for path, counts in plan_summary["params"].items():
-        if path.endswith(".weight"):
-            layer = path.removesuffix(".weight")
-            rows.append({"layer": layer, "weights": counts["total"], "kept": counts["kept"],
-                         "density": counts["kept"] / counts["total"], "learned_density": learned.get(layer)})
-    return rows
+    learned = learned or {}
+    return [{"layer": layer, "weights": total, "kept": nonzero, "density": nonzero / total,
+             "learned_density": learned.get(layer)} for layer, (nonzero, total) in kept.items()]
 
 
 def build_report(version: str, config: dict, stages: dict[str, dict], timing: dict[str, float],

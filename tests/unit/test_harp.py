@@ -98,7 +98,8 @@ def test_density_gradient_is_the_gain_from_restoring_the_pruned_weights():
     per_entry = upstream * layer.weight.detach()  # the gradient reaching the mask
     d_density = per_entry[~kept].mean() * 200
     sigmoid = torch.sigmoid(rate_mask.rate.detach())
-    assert rate_mask.rate.grad == pytest.approx(float(d_density * sigmoid * (1 - sigmoid) * (1 - rate_mask.floor)), rel=1e-5)
+    expected = d_density * sigmoid * (1 - sigmoid) * (1 - rate_mask.floor)
+    assert rate_mask.rate.grad == pytest.approx(float(expected), rel=1e-5)
     assert torch.allclose(rate_mask.scores.grad, per_entry * torch.sign(rate_mask.scores.detach()))
 
 
@@ -169,3 +170,15 @@ def test_a_harp_run_records_its_learned_allocation(tmp_path):
     assert sum(row["kept"] for row in layers.values()) == fine["params_nonzero"] == round(
         fine["params_prunable"] / 10)
     assert (tmp_path / "run" / "plots" / "densities.png").is_file()
+
+
+def test_report_layers_list_dense_layers_too(tmp_path):
+    from robustprune.pipeline import run
+
+    overrides = ["prune.keep_last_dense=true", "pretrain.epochs=1", "finetune.epochs=0", "objective.steps=1",
+                 "evaluate.pgd_steps=1", "evaluate.verifiers=[]", "evaluate.n_samples=20",
+                 "evaluate.pgd_eps_fractions=[]", "evaluate.masking_check=false"]
+    report = run(load_config(None, overrides), tmp_path / "run", quiet=True, log=lambda _: None)
+    last = report["layers"][-1]
+    assert last["density"] == 1.0 and last["kept"] == last["weights"] and last["learned_density"] is None
+    assert sum(row["kept"] for row in report["layers"]) == report["stages"]["finetuned"]["params_nonzero"]

@@ -12,8 +12,8 @@ from torch import nn
 from robustprune.errors import UserError
 from robustprune.pruning.importance import PRUNERS, Importance
 from robustprune.pruning.masks import (
-    apply_masks, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers, set_mask,
-    sparsity_report,
+    apply_masks, kept_per_layer, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers,
+    set_mask, sparsity_report,
 )
 from robustprune.pruning import harp, hydra
 from robustprune.pruning.plan import SELECTORS, PruningPlan, erk_counts, floors, keep_budget, layer_counts
@@ -132,5 +132,5 @@ def slim(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "dense_layers",
-           "finalize_learned", "harp", "hydra", "layer_density", "load_plain_state_dict", "masks", "plain_state_dict",
-           "prunable_layers", "prune", "set_mask", "slim", "sparsity_report"]
+           "finalize_learned", "harp", "hydra", "kept_per_layer", "layer_density", "load_plain_state_dict", "masks",
+           "plain_state_dict", "prunable_layers", "prune", "set_mask", "slim", "sparsity_report"]

@@ -144,7 +144,8 @@ def learned_densities(model: nn.Module) -> dict[str, float]:
     return {path.rpartition(".")[0]: float(rm.density().detach()) for path, rm in rate_masks(model).items()}
 
 
-def finalize_rates(model: nn.Module, budget: int, sizes: dict[str, int], low: dict[str, int]) -> dict[str, torch.Tensor]:
+def finalize_rates(model: nn.Module, budget: int, sizes: dict[str, int],
+                   low: dict[str, int]) -> dict[str, torch.Tensor]:
     """End HARP's phase: keep exactly ``budget`` prunable weights, shared by the learned densities.
 
     ``sizes`` and ``low`` (floors) cover every prunable layer by name; layers without a rate keep all their weights.

@@ -103,6 +103,12 @@ def sparsity_report(model: nn.Module) -> dict[str, float | int]:
             "sparsity": 1.0 - nonzero / total if total else 0.0}
 
 
+def kept_per_layer(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(nonzero, total) weights of every prunable layer, dense ones included."""
+    with torch.no_grad():
+        return {name: (int(torch.count_nonzero(m.weight)), m.weight.numel()) for name, m in prunable_layers(model)}
+
+
 def layer_density(model: nn.Module) -> dict[str, float]:
     """Fraction of nonzero weights per prunable layer."""
     with torch.no_grad():
