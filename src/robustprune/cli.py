@@ -197,7 +197,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
-    from robustprune.pruning import sparsity_report
+    from robustprune.pruning import kept_per_layer, sparsity_report
+    from robustprune.report import layer_rows, layer_table
 
     meta = read_metadata(args.checkpoint)
     overrides = list(args.overrides)
@@ -215,6 +216,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     s = sparsity_report(model)
     print(f"pruned model ({s['params_nonzero']}/{s['params_prunable']} weights kept, "
           f"compression {s['compression']:.2f}×): {out}")
+    print(layer_table(layer_rows(kept_per_layer(model), plan.options.get("learned_densities"))))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:

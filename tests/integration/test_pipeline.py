@@ -43,12 +43,15 @@ def test_mnist_config_runs_on_real_mnist(tmp_path):
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"real MNIST not found under {SHARED_DATA} (set ROBUSTPRUNE_DATA to a folder with mnist/)")
     overrides = [f"data.root={SHARED_DATA}", "pretrain.epochs=1", "objective.steps=1", "finetune.epochs=0",
-                 "evaluate.n_samples=200", "evaluate.pgd_steps=5", "evaluate.verifiers=[ibp]"]
+                 "prune.score_training.epochs=0", "evaluate.n_samples=200", "evaluate.pgd_steps=5",
+                 "evaluate.verifiers=[ibp]", "evaluate.autoattack_n_samples=20"]
     cfg = load_config(REPO / "configs" / "mnist-pgd.yaml", overrides)
     report = run(cfg, tmp_path / "run", quiet=True, log=lambda _: None)
     dense = report["stages"]["pretrained"]
     assert dense["n_eval"] == 200 and dense["benign_acc"] > 0.85
     assert report["stages"]["finetuned"]["compression"] == pytest.approx(10.0, rel=0.01)
+    assert dense["n_autoattack_eval"] == 20 and dense["n_robust_eval"] == 20  # the config's AutoAttack subset
+    assert report["layers"][0]["density"] == 1.0  # the shipped allocation keeps the first convolution dense
     assert report["config"]["model"]["name"] == "cnn-small" and report["threat"]["eps"] == 0.3
 
 

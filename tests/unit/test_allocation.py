@@ -156,7 +156,8 @@ def test_cli_prune_with_scope_erk(tmp_path, capsys):
     dense, pruned = tmp_path / "dense.safetensors", tmp_path / "pruned.safetensors"
     assert main(["import", str(tmp_path / "weights.pt"), "--out", str(dense)]) == 0
     assert main(["prune", str(dense), "--compression", "10", "--scope", "erk", "--out", str(pruned)]) == 0
-    assert "compression 10.00×" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compression 10.00×" in printed and "| layer | weights | kept | density |" in printed  # the allocation
     model = load(str(pruned), torch.device("cpu"))
     kept = {n: int(torch.count_nonzero(m.weight)) for n, m in prunable_layers(model)}
     assert kept == erk_counts(_shapes(model), 10.0)
