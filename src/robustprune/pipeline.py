@@ -29,8 +29,8 @@ from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
 from robustprune.objectives.base import Penalised
 from robustprune.pruning import (
-    PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, harp, kept_per_layer, masks, prune, slim,
-    sparsity_report,
+    PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, kept_per_layer, learned_allocation, learned_penalty,
+    masks, prune, slim, sparsity_report,
 )
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, layer_rows, stage_table, write_report
@@ -130,11 +130,12 @@ def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, obj
     if not PRUNERS.get(p.rule).learned:
         return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
     attach_learned_scores(model, target, p.scope, rule=p.rule, **options)
-    if p.rule == "harp":  # the budget term joins the run's own objective for the joint phase
-        objective = Penalised(objective, lambda net: harp.budget_penalty(net, target, p.rate_penalty))
+    penalty = learned_penalty(model, target, p.rate_penalty)  # HARP's budget term joins the run's own objective
+    if penalty is not None:
+        objective = Penalised(objective, penalty)
     fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage=f"{p.rule}-scores",
         **training(cfg), **fit_options)
-    learned = {"learned_densities": harp.learned_densities(model)} if p.rule == "harp" else {}
+    learned = learned_allocation(model)
     finalize_learned(model, target, **options)
     return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model),
                        options={**options, **learned})

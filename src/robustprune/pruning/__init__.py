@@ -5,6 +5,7 @@ because they train — ``pruning`` never imports ``train``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -112,6 +113,19 @@ def _magnitude_selection(layers: dict[str, nn.Module], compression: float, scope
     return SELECTORS[scope](scores, compression, dense, min_density)
 
 
+def learned_penalty(model: nn.Module, compression: float,
+                    weight: float) -> Callable[[nn.Module], torch.Tensor] | None:
+    """The term a learned rule adds to the objective during its phase: HARP's budget penalty; None for HYDRA."""
+    if not harp.rate_masks(model):
+        return None
+    return lambda net: harp.budget_penalty(net, compression, weight)
+
+
+def learned_allocation(model: nn.Module) -> dict:
+    """What the plan records of a learned rule's own choice: HARP's densities per layer; nothing for HYDRA."""
+    return {"learned_densities": harp.learned_densities(model)} if harp.rate_masks(model) else {}
+
+
 def finalize_learned(model: nn.Module, compression: float, *, keep_first_dense: bool = False,
                      keep_last_dense: bool = False, min_density: float = 0.0) -> dict[str, torch.Tensor]:
     """End a learned rule's phase: fixed masks, every parameter trainable. HYDRA keeps its top-k; HARP shares
@@ -132,5 +146,6 @@ def slim(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["PRUNERS", "Importance", "PruningPlan", "apply_masks", "attach_learned_scores", "dense_layers",
-           "finalize_learned", "harp", "hydra", "kept_per_layer", "layer_density", "load_plain_state_dict", "masks",
-           "plain_state_dict", "prunable_layers", "prune", "set_mask", "slim", "sparsity_report"]
+           "finalize_learned", "harp", "hydra", "kept_per_layer", "layer_density", "learned_allocation",
+           "learned_penalty", "load_plain_state_dict", "masks", "plain_state_dict", "prunable_layers", "prune",
+           "set_mask", "slim", "sparsity_report"]
