@@ -59,12 +59,7 @@ def prune(
         chosen = channel_masks(model, None, compression, scope,
                                ignored_layers=[layers[n] for n in dense], min_density=min_density)
     else:
-        generator = torch.Generator().manual_seed(seed)
-        scores = {}
-        with torch.no_grad():
-            for name, module in layers.items():
-                s = importance.scores(module, generator).float()
-                scores[name] = torch.where(module.weight != 0, s, torch.full_like(s, -math.inf))
+        scores = _layer_scores(layers, importance, torch.Generator().manual_seed(seed))
         chosen = {f"{n}.weight": m for n, m in SELECTORS[scope](scores, compression, dense, min_density).items()}
     apply_masks(model, chosen)
     options = {"keep_first_dense": keep_first_dense, "keep_last_dense": keep_last_dense, "min_density": min_density}
@@ -104,13 +99,21 @@ def attach_learned_scores(model: nn.Module, compression: float, scope: str = "la
     return hydra.attach_scores(model, sum(sizes[n] for n in scored) / kept_in_scored, "global", layers=scored)
 
 
+def _layer_scores(layers: dict[str, nn.Module], importance: Importance,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The rule's scores per layer, -inf where a weight is already pruned (so pruning only ever removes more)."""
+    scores = {}
+    with torch.no_grad():
+        for name, module in layers.items():
+            s = importance.scores(module, generator).float()
+            scores[name] = torch.where(module.weight != 0, s, torch.full_like(s, -math.inf))
+    return scores
+
+
 def _magnitude_selection(layers: dict[str, nn.Module], compression: float, scope: str, dense: set[str],
                          min_density: float) -> dict[str, torch.Tensor]:
     """What magnitude pruning in ``scope`` would keep (HARP's starting densities); pruned weights stay pruned."""
-    with torch.no_grad():
-        scores = {n: torch.where(m.weight != 0, m.weight.abs().float(), torch.full_like(m.weight.float(), -math.inf))
-                  for n, m in layers.items()}
-    return SELECTORS[scope](scores, compression, dense, min_density)
+    return SELECTORS[scope](_layer_scores(layers, PRUNERS.get("magnitude")()), compression, dense, min_density)
 
 
 def learned_penalty(model: nn.Module, compression: float,

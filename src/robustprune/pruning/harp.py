@@ -23,11 +23,12 @@ every entry; the kept entries do not change with the rate, so we leave them out.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustprune.pruning.hydra import ScoreMask, _key, _same_key, _top_k
+from robustprune.pruning.hydra import ScoreMask, _key, _remove_score_mask, _same_key, _top_k, score_masks
 from robustprune.pruning.masks import apply_masks, get_mask, prunable_layers
 from robustprune.pruning.plan import proportional_counts
 
@@ -42,16 +43,15 @@ class _DensityStraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, magnitudes: torch.Tensor, density: torch.Tensor, mask: torch.Tensor,  # noqa: ANN001
                 allowed: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask, allowed)
+        pruned = (allowed & ~mask).to(magnitudes.dtype)
+        # n / n_pruned per pruned entry, as a tensor: no host sync or boolean indexing on this per-step path
+        ctx.save_for_backward(pruned * (pruned.numel() / pruned.sum().clamp(min=1)))
         return mask.to(magnitudes.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        mask, allowed = ctx.saved_tensors
-        pruned = allowed & ~mask
-        n_pruned = int(pruned.sum())
-        density_grad = (grad[pruned].sum() * (grad.numel() / n_pruned) if n_pruned else grad.new_zeros(()))
-        return grad, density_grad.reshape(()), None, None
+        (restore,) = ctx.saved_tensors
+        return grad, (grad * restore).sum(), None, None
 
 
 class RateMask(ScoreMask):
@@ -94,13 +94,7 @@ class RateMask(ScoreMask):
 
 def rate_masks(model: nn.Module) -> dict[str, RateMask]:
     """Every attached :class:`RateMask` by parameter path (``"features.0.weight"``)."""
-    found = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, RateMask):
-                    found[f"{name}.weight" if name else "weight"] = p
-    return found
+    return {path: m for path, m in score_masks(model).items() if isinstance(m, RateMask)}
 
 
 def attach_rates(model: nn.Module, layers: dict[str, nn.Module], densities: dict[str, float],
@@ -162,19 +156,11 @@ def finalize_rates(model: nn.Module, budget: int, sizes: dict[str, int],
              for n, rm in rated.items()}
     modules = dict(model.named_modules())
     for name in rated:
-        _remove_rate_mask(modules[name])
+        _remove_score_mask(modules[name], "weight")  # a RateMask is a ScoreMask
     for p in model.parameters():
         p.requires_grad_(True)
     apply_masks(model, final)
     return final
-
-
-def _remove_rate_mask(module: nn.Module) -> None:
-    chain = module.parametrizations.weight
-    if len(chain) == 1:
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        return
-    del chain[next(i for i, p in enumerate(chain) if isinstance(p, RateMask))]
 
 
 __all__ = ["RateMask", "attach_rates", "budget_penalty", "finalize_rates", "learned_densities", "rate_masks",

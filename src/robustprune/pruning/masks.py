@@ -111,8 +111,7 @@ def kept_per_layer(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def layer_density(model: nn.Module) -> dict[str, float]:
     """Fraction of nonzero weights per prunable layer."""
-    with torch.no_grad():
-        return {name: float(torch.count_nonzero(m.weight)) / m.weight.numel() for name, m in prunable_layers(model)}
+    return {name: kept / total for name, (kept, total) in kept_per_layer(model).items()}
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
