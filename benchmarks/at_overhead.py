@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from robustprune.config import TrainConfig
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.objectives import OBJECTIVES
 from robustprune.train import TrainStep, make_optimizer, make_scheduler

@@ -4,7 +4,7 @@ The issue's targets on 2 CPU cores: IBP ≤ 15 ms, full CROWN ≤ 5 s per batch 
 on the same network). The network is a checkpoint when given (a certified-trained one is the realistic case: few
 unstable neurons), else a fresh initialisation (every neuron unstable: the worst case). Inputs are the first MNIST
 test images when the data is found, else uniform noise. Also reports peak memory of the process. The allocator is
-set as the robustprune command sets it (``robustprune.allocator``) unless ``--glibc-defaults`` is given.
+set as the robustprune command sets it (``robustprune.infra.allocator``) unless ``--glibc-defaults`` is given.
 
     .venv/bin/python benchmarks/bounds_speed.py
     ROBUSTPRUNE_DATA=../shared/data .venv/bin/python benchmarks/bounds_speed.py --checkpoint RUN/finetuned.safetensors
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from robustprune.allocator import keep_freed_memory
+from robustprune.infra.allocator import keep_freed_memory
 from robustprune.bounds import margin_lower_bounds
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.export import load
 from robustprune.models import create_model
 

@@ -2,7 +2,7 @@
 
 Pre-train, prune, fine-tune — with the same robust objective in both training stages (Sehwag et al. 2019).
 """
-__version__ = "0.1.0"
+from robustprune.infra.version import __version__
 
 from robustprune.data import load_dataset  # noqa: E402
 from robustprune.models import create_model  # noqa: E402

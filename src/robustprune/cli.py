@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from robustprune import __version__, outdir
-from robustprune.allocator import keep_freed_memory
+from robustprune.infra import outdir
+from robustprune.infra.version import __version__
+from robustprune.infra.allocator import keep_freed_memory
 from robustprune.config import Config, load_config
-from robustprune.errors import TrainingDiverged, UserError, one_line
+from robustprune.infra.errors import TrainingDiverged, UserError, one_line
 
 LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
@@ -138,7 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)
     default = Path("runs") / f"{outdir.folder_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out) if args.out else default
-    from robustprune import distributed
+    from robustprune.infra import distributed
 
     run(cfg, out, force=args.force, resume=args.resume, quiet=args.quiet)
     if distributed.is_main():
@@ -174,7 +175,7 @@ def _out_file(path: str, force: bool) -> Iterator[Path]:
 
 def _stage_setup(cfg: Config):
     from robustprune import pipeline
-    from robustprune.runtime import resolve_device, start
+    from robustprune.infra.runtime import resolve_device, start
 
     pipeline.check_names(cfg)
     data = pipeline.load_data(cfg)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune import distributed
+from robustprune.infra import distributed
 from robustprune.attacks import autoattack, fgsm, pgd, square
 from robustprune.bounds import verify
 from robustprune.config import EvalConfig, ThreatConfig

@@ -16,15 +16,16 @@ import torch
 import yaml
 from torch import nn
 
-from robustprune import __version__, distributed, outdir
+from robustprune.infra import distributed, outdir
+from robustprune.infra.version import __version__
 from robustprune.attacks import ATTACKS, BALLS
 from robustprune.bounds import VERIFIERS, build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
 from robustprune.data import DATASETS, Dataset, hold_out, load_dataset
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
-from robustprune.fileio import write_json, write_text
+from robustprune.infra.fileio import write_json, write_text
 from robustprune.models import MODELS, create_model
 from robustprune.objectives import OBJECTIVES, Objective, create
 from robustprune.objectives.base import Penalised
@@ -34,8 +35,8 @@ from robustprune.pruning import (
 )
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, layer_rows, stage_table, write_report
-from robustprune.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
-from robustprune.runtime import resolve_device, start
+from robustprune.infra.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
+from robustprune.infra.runtime import resolve_device, start
 from robustprune.train import fit
 
 Log = Callable[[str], None]
@@ -204,7 +205,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     check_boundable(cfg, data)
     build_objective(cfg.objective, cfg.threat)
     if cfg.tensorboard:
-        from robustprune.tensorboard import summary_writer_class
+        from robustprune.report.tensorboard import summary_writer_class
         summary_writer_class()  # a missing extra fails (exit 2) before anything is written
     device = distributed.local_device(resolve_device(cfg.device))
     distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes (and locks)
@@ -235,7 +236,7 @@ def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, 
         truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
     scalars = None
     if cfg.tensorboard and main:
-        from robustprune.tensorboard import Scalars
+        from robustprune.report.tensorboard import Scalars
         scalars = Scalars(out / "tensorboard")
 
     generator = start(cfg)

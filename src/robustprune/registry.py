@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 T = TypeVar("T")
 

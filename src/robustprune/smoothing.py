@@ -30,7 +30,7 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 ABSTAIN = -1
 

@@ -18,12 +18,16 @@ from typing import Callable, Sequence
 
 import yaml
 
-from robustprune import __version__, outdir
+from robustprune.infra import outdir
+from robustprune.infra.version import __version__
 from robustprune.config import Config, load_config
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.export import load, read_metadata, save
-from robustprune.fileio import write_json, write_text
-from robustprune.report import METRICS, STAGE_FIELDS, finite
+from robustprune.infra.fileio import write_json, write_text
+from robustprune import pipeline
+from robustprune.infra.runtime import resolve_device, start
+from robustprune.report import METRICS, STAGE_FIELDS, finite, render_sweep
+from robustprune.report.plots import sweep_plots
 
 Log = Callable[[str], None]
 
@@ -57,8 +61,6 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
           finetune: Sequence[str] = (), rules: Sequence[str] = (), *, quiet: bool = False,
           log: Log = print) -> dict:
     """Run (or resume) the sweep into ``out``; returns the sweep record (also written as sweep.json / sweep.md)."""
-    from robustprune import pipeline
-
     pretrain = list(pretrain) or [cfg.objective.name]
     finetune = list(finetune) or [(cfg.finetune_objective or cfg.objective).name]
     rules = list(rules) or [cfg.prune.rule]
@@ -80,8 +82,6 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
 
 def _run_sweep(cfg: Config, out: Path, todo: list[Point], pretrain: list[str], data, quiet: bool, log: Log) -> dict:
     """Every point not yet on disk, then sweep.json, sweep.md and the plots, in the claimed folder ``out``."""
-    from robustprune.plots import sweep_plots
-
     (out / "points").mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dense = {name: _pretrained(cfg, name, data, out, quiet, log) for name in pretrain}
@@ -124,9 +124,6 @@ def _check_same_sweep(out: Path, cfg: Config) -> None:
 
 
 def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) -> dict:
-    from robustprune import pipeline
-    from robustprune.runtime import resolve_device, start
-
     path = out / f"pretrained-{name}.safetensors"
     if path.is_file():
         log(f"pre-trained with {name}: {path.name}, done before, reused")
@@ -147,9 +144,6 @@ def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) 
 
 
 def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -> dict:
-    from robustprune import pipeline
-    from robustprune.runtime import resolve_device, start
-
     run_cfg = point_config(cfg, point)
     generator = start(cfg)
     model = load(checkpoint, resolve_device(cfg.device)).train()
@@ -161,41 +155,3 @@ def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -
     # the point's nominal compression names it; the measured one (whole weights) is kept beside it
     return {**{f: metrics.get(f) for f in STAGE_FIELDS}, **dataclasses.asdict(point), "key": point.key,
             "measured_compression": metrics.get("compression")}
-
-
-def _pct(value) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
-
-
-def render_sweep(result: dict, out: Path | None = None) -> str:
-    """sweep.md: one table per pre-training objective and rule (rows: compression; columns: fine-tuning objective ×
-    metric), the dense reference, and the plots."""
-    cfg, records = result["config"], result["points"]
-    lines = [f"# robustprune sweep: {cfg.get('name')}", "",
-             f"Data `{cfg['data']['name']}`, model `{cfg['model']['name']}`, threat {result['threat']['norm']} "
-             f"ε = {result['threat']['eps']:g}; {len(records)} points.", ""]
-    measured = [(k, label) for k, label in METRICS if any(r.get(k) is not None for r in records)]
-    for pre in dict.fromkeys(r["pretrain"] for r in records):
-        for rule in dict.fromkeys(r["rule"] for r in records if r["pretrain"] == pre):
-            rows = [r for r in records if r["pretrain"] == pre and r["rule"] == rule]
-            fts = list(dict.fromkeys(r["finetune"] for r in rows))
-            dense = result["dense"].get(pre, {})
-            lines.append(f"## Pre-trained with `{pre}`, rule `{rule}` (dense: "
-                         + ", ".join(f"{label} {_pct(dense.get(k))}" for k, label in measured) + ")")
-            lines.append("")
-            head = " | ".join(f"{label} (fine-tuned: {ft})" for ft in fts for _, label in measured)
-            lines.append(f"| compression | {head} |")
-            lines.append("|---:|" + "---:|" * (len(fts) * len(measured)))
-            for c in sorted({r["compression"] for r in rows}):
-                cells = []
-                for ft in fts:
-                    match = next((r for r in rows if r["finetune"] == ft and r["compression"] == c), {})
-                    cells += [_pct(match.get(k)) for k, _ in measured]
-                lines.append(f"| {c:g}× | " + " | ".join(cells) + " |")
-            lines.append("")
-    total = sum(r.get("time_s") or 0 for r in records) + sum(d.get("time_s") or 0 for d in result["dense"].values())
-    lines.append(f"Compute: {total:.0f} s in all (pre-training included).")
-    for plot in result.get("plots", []):
-        name = Path(plot).name
-        lines += ["", f"![{name}](plots/{name})"]
-    return "\n".join(lines) + "\n"

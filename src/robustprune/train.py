@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustprune import distributed
+from robustprune.infra import distributed
 from robustprune.config import TrainConfig
 from robustprune.data import Split
-from robustprune.errors import TrainingDiverged
-from robustprune.fileio import append_jsonl
+from robustprune.infra.errors import TrainingDiverged
+from robustprune.infra.fileio import append_jsonl
 from robustprune.objectives import Objective
 from robustprune.objectives.schedules import linear_ramp
-from robustprune.resume import SKIP, Journal
+from robustprune.infra.resume import SKIP, Journal
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

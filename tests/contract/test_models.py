@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import MODELS, Normalize, create_model, model_from_spec
 
 NAMES = MODELS.names()

@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 import robustprune.sweep
-from robustprune import outdir, pipeline
+from robustprune import pipeline
+from robustprune.infra import outdir
 from robustprune.cli import main
 from robustprune.config import load_config
-from robustprune.errors import TrainingDiverged
-from robustprune.fileio import write_text
+from robustprune.infra.errors import TrainingDiverged
+from robustprune.infra.fileio import write_text
 
 # no training, a tiny evaluation: a whole run in a few seconds
 SETS = [a for s in ["pretrain.epochs=0", "finetune.epochs=0", "evaluate.n_samples=20", "evaluate.pgd_steps=1",
@@ -201,7 +202,7 @@ def test_a_killed_run_blocks_neither_resume_nor_force(tmp_path, capsys):
     assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
     assert json.loads((out / "report.json").read_text())["stages"]["finetuned"]
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from robustprune.outdir import lock_folder; lock_folder(Path(sys.argv[1])); "
+                               "from robustprune.infra.outdir import lock_folder; lock_folder(Path(sys.argv[1])); "
                                "print('locked', flush=True); time.sleep(600)", str(out)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -44,7 +44,7 @@ if point == "step":            # inside an epoch: the n-th optimiser step of the
         return optimizer
     train.make_optimizer = make_optimizer
 elif point == "journal":       # the n-th journal write: temporary file complete, killed before the rename
-    import robustprune.resume as resume
+    import robustprune.infra.resume as resume
     save_file = resume.save_file
     def write(tensors, path, metadata=None):
         save_file(tensors, path, metadata=metadata)

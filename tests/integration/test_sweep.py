@@ -9,7 +9,7 @@ import pytest
 
 from robustprune.cli import main
 from robustprune.config import load_config
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pipeline import run
 from robustprune.sweep import sweep
 

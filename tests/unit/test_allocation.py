@@ -10,7 +10,7 @@ import torch
 
 from robustprune.cli import main
 from robustprune.config import load_config
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.pruning import PRUNERS, layer_density, prunable_layers, prune, sparsity_report
 from robustprune.pruning.plan import erk_counts, floors, keep_budget

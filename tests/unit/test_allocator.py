@@ -6,7 +6,7 @@ import platform
 import pytest
 
 from robustprune import cli
-from robustprune.allocator import keep_freed_memory
+from robustprune.infra.allocator import keep_freed_memory
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

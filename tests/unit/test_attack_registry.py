@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from robustprune.attacks import ATTACKS, attack_loss, autoattack, fgsm, pgd, square, succeeded
 from robustprune.config import EvalConfig, ThreatConfig
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.evaluate import SoundnessError, consistency_warnings, evaluate
 from robustprune.report import build_report, stage_table

@@ -16,7 +16,7 @@ from robustprune.attacks import pgd
 from robustprune.bounds import (BOUND_OPS, VERIFIERS, build_graph, compute_bounds, margin_lower_bounds, margin_spec,
                                 verify)
 from robustprune.bounds.propagate import crown_bounds, input_box, interval_pass
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.models.base import Normalize
 from robustprune.models.resnet import ResidualBlock

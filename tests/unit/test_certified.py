@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import importlib
 from robustprune.bounds import margin_lower_bounds
 from robustprune.config import EvalConfig, ThreatConfig, TrainConfig, load_config
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.evaluate import SoundnessError, evaluate
 from robustprune.objectives import create
 from robustprune.objectives.certified import worst_case_logits

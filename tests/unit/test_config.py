@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from robustprune.config import Config, config_from_dict, load_config, parse_override
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

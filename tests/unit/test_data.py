@@ -16,7 +16,7 @@ import scipy.io
 import torch
 
 from robustprune.data import DATASETS, Dataset, Split, load_dataset, resolve_root
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 RNG = np.random.default_rng(0)
 IDX_STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

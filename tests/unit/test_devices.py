@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from robustprune.config import Config, TrainConfig
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.objectives import create
 from robustprune.pruning import prune
-from robustprune.runtime import resolve_device
+from robustprune.infra.runtime import resolve_device
 from robustprune.train import fit
 
 from conftest import make_tiny_dataset
@@ -98,7 +98,7 @@ def test_stage_functions_pass_the_run_level_training_settings(monkeypatch):
 
 
 def test_threads_setting_is_applied_and_validated():
-    from robustprune.runtime import start
+    from robustprune.infra.runtime import start
 
     before = torch.get_num_threads()
     try:

@@ -10,9 +10,9 @@ import torch
 
 from robustprune.cli import main
 from robustprune.config import TrainConfig
-from robustprune.errors import TrainingDiverged
+from robustprune.infra.errors import TrainingDiverged
 from robustprune.objectives import create
-from robustprune.resume import Journal
+from robustprune.infra.resume import Journal
 from robustprune.train import fit
 
 

@@ -25,7 +25,7 @@ import torch
 from robustprune.cli import main
 from robustprune.data import load_dataset
 from robustprune.data import download as dl
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 SHARED_DATA = Path(os.environ.get("ROBUSTPRUNE_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from robustprune.config import EvalConfig, ThreatConfig
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
 from robustprune.models import create_model
@@ -93,7 +93,7 @@ def test_atomic_writes_get_an_ordinary_files_mode(tmp_path):
     """The temporary file is private while written; the result follows the umask like any other file."""
     import os
 
-    from robustprune.fileio import write_text
+    from robustprune.infra.fileio import write_text
     old = os.umask(0o022)
     try:
         write_text(tmp_path / "a.txt", "x")

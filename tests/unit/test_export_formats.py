@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from robustprune import cli
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.export import load, read_metadata, save
-from robustprune.export import digest, sparse
+from robustprune.export import sparse
+from robustprune.infra import digest
 from robustprune.export.describe import describe
 from robustprune.models import MODELS, create_model
 from robustprune.pruning import apply_masks, masks, prune, slim

@@ -147,7 +147,7 @@ def test_the_joint_phase_trains_scores_and_rates_and_moves_the_allocation(tiny_d
 def test_config_takes_harp_and_refuses_a_negative_penalty():
     cfg = load_config(None, ["prune.rule=harp", "prune.rate_penalty=3"])
     assert cfg.prune.rule == "harp" and cfg.prune.rate_penalty == 3.0
-    from robustprune.errors import UserError
+    from robustprune.infra.errors import UserError
 
     with pytest.raises(UserError, match="rate_penalty must be a finite number >= 0"):
         load_config(None, ["prune.rate_penalty=-1"])

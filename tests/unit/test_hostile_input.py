@@ -32,7 +32,8 @@ import robustprune
 from robustprune import pipeline
 from robustprune.cli import build_parser, main
 from robustprune.config import load_config
-from robustprune.export import digest, load, read_metadata
+from robustprune.export import load, read_metadata
+from robustprune.infra import digest
 
 SRC = Path(robustprune.__file__).parent
 DEFAULT = load_config(None).to_dict()
@@ -254,8 +255,8 @@ HOSTILE_VALUES = [*WEIRD, None, True, False, 0, -1, 1, 2**63, -(2**63) - 1, 2**7
 def test_every_setting_against_every_hostile_value():
     """``--set KEY=VALUE`` for each setting (sections included) and each hostile value: a valid Config whose seed
     torch accepts, whose names resolve and which rebuilds from its own dict — or one short UserError line."""
-    from robustprune.errors import UserError
-    from robustprune.runtime import seed_everything
+    from robustprune.infra.errors import UserError
+    from robustprune.infra.runtime import seed_everything
 
     outcomes = {"valid": 0, "refused": 0}
     for i, path in enumerate(PATHS):
@@ -781,7 +782,7 @@ def test_run_on_a_full_disk_leaves_only_whole_files(tmp_path, limit):
 def test_metrics_lines_stay_whole_when_the_disk_fills(tmp_path):
     """append_jsonl on a disk that fills mid-line: the partial line is cut off, earlier lines stay."""
     path = tmp_path / "metrics.jsonl"
-    code = ("import sys; from robustprune.fileio import append_jsonl\n"
+    code = ("import sys; from robustprune.infra.fileio import append_jsonl\n"
             "for i in range(1000): append_jsonl(sys.argv[1], {'epoch': i, 'loss': 0.123456789})\n")
     result = subprocess.run([sys.executable, "-c", code, str(path)], preexec_fn=_limited(1_000), capture_output=True,
                             text=True, timeout=120)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from robustprune.config import TrainConfig
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.objectives import create
 from robustprune.pruning.hydra import (

@@ -22,13 +22,14 @@ from safetensors.torch import save_file
 from robustprune import pipeline
 from robustprune.cli import main
 from robustprune.data import load_dataset
-from robustprune.errors import UserError
-from robustprune.export import digest, load, read_metadata, save, sparse
+from robustprune.infra.errors import UserError
+from robustprune.export import load, read_metadata, save, sparse
+from robustprune.infra import digest
 from robustprune.export.describe import describe
 from robustprune.models import create_model
 from robustprune.pruning import apply_masks, masks, prunable_layers
 from robustprune.pruning.structured import channel_masks
-from robustprune.resume import JOURNAL, Journal
+from robustprune.infra.resume import JOURNAL, Journal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from robustprune.errors import UserError  # noqa: E402
+from robustprune.infra.errors import UserError  # noqa: E402
 from robustprune.export.onnx import save_onnx  # noqa: E402
 from robustprune.models import MODELS, create_model  # noqa: E402
 from robustprune.pruning import apply_masks, masks, prune, slim  # noqa: E402

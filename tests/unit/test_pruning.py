@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.pruning import (
     PRUNERS, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers, prune, sparsity_report,

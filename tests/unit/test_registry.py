@@ -1,6 +1,6 @@
 import pytest
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
 

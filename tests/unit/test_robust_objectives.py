@@ -15,7 +15,7 @@ import robustprune.objectives.trades as trades_module
 from robustprune.attacks import default_step_size, pgd
 from robustprune.config import TrainConfig
 from robustprune.data import load_dataset
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.objectives import OBJECTIVES, create
 from robustprune.train import fit

@@ -9,7 +9,7 @@ from scipy.stats import binom, norm
 from torch import nn
 
 import robustprune.objectives.smooth  # noqa: F401  (registers "smooth")
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.objectives import OBJECTIVES, create
 from robustprune.smoothing import (SmoothingResult, certified_accuracy, certify, lower_confidence_bound,
                                    predict)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import MODELS, create_model
 from robustprune.pruning.masks import apply_masks, masks, prunable_layers, sparsity_report
 from robustprune.pruning.structured import (

@@ -8,7 +8,7 @@ import torch
 from robustprune import pipeline
 from robustprune.config import load_config
 from robustprune.data import Split, hold_out
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 
 def _rows(split: Split) -> set[bytes]:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from robustprune.attacks.geometry import BALLS
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 LOSSES = ("ce", "margin")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
 

@@ -15,7 +15,7 @@ from robustprune.bounds import maxpool, relu  # noqa: F401  (register the nonlin
 from robustprune.bounds.graph import Graph, build_graph
 from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval
 from robustprune.bounds.propagate import backward_bound, concretize, crown_bounds, input_box, interval_pass
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
 VERIFIERS: Registry[str] = Registry("verifier")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from robustprune.bounds.ops import BOUND_OPS, AddBound, BoundOp
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models.resnet import ResidualBlock
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.bounds.patches import Patches
 from robustprune.models.base import Normalize
 from robustprune.registry import Registry

@@ -2,7 +2,7 @@
 
 Precedence is defaults < YAML file < ``--set``. Every key is checked against the dataclasses (unknown keys get a
 "did you mean"), every value against its field type and range, and "8/255" is read with :class:`fractions.Fraction`
-— never ``eval``. Any problem raises :class:`~robustprune.errors.UserError` with a one-line message.
+— never ``eval``. Any problem raises :class:`~robustprune.infra.errors.UserError` with a one-line message.
 """
 from robustprune.config.loading import config_from_dict, load_config, parse_override, read_yaml
 from robustprune.config.schema import (Config, DataConfig, EvalConfig, ModelConfig, ObjectiveConfig, PruneConfig,

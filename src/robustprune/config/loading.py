@@ -2,7 +2,7 @@
 
 Every key is checked against the dataclasses of ``schema.py`` (unknown keys get a "did you mean"), every value against
 its field type and range, and "8/255" is read with :class:`fractions.Fraction` — never ``eval``. Any problem raises
-:class:`~robustprune.errors.UserError` with a one-line message.
+:class:`~robustprune.infra.errors.UserError` with a one-line message.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from robustprune.config.schema import Config, _check, _show
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:

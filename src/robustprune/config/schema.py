@@ -1,7 +1,7 @@
 """The configuration schema: one frozen dataclass per config section, each validating its own values.
 
 ``loading.py`` fills them from defaults < YAML file < ``--set`` overrides; a value out of range raises
-:class:`~robustprune.errors.UserError` with a one-line message.
+:class:`~robustprune.infra.errors.UserError` with a one-line message.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 
 def _check(condition: bool, message: str) -> None:

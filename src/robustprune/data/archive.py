@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from robustprune.errors import UserError, one_line
-from robustprune.fileio import fsync_folder
+from robustprune.infra.errors import UserError, one_line
+from robustprune.infra.fileio import fsync_folder
 
 
 def extract_tar_gz(archive: Path, folder: Path, check: Callable[[Path], None] = lambda staging: None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from robustprune.data.base import DATASETS, Dataset, DatasetSource, Split
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 try:  # numpy >= 2 (and the forward-compatibility alias in 1.26)
     from numpy._core.multiarray import _reconstruct

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from robustprune.data.archive import extract_tar_gz
-from robustprune.errors import UserError, one_line
-from robustprune.fileio import fsync_folder
+from robustprune.infra.errors import UserError, one_line
+from robustprune.infra.fileio import fsync_folder
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
@@ -274,7 +274,7 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 def _open(url: str) -> http.client.HTTPResponse:
     """GET ``url``; HTTP and network failures become a one-line _TransferFailed naming the URL."""
-    from robustprune import __version__
+    from robustprune.infra.version import __version__
 
     request = urllib.request.Request(url, headers={"User-Agent": f"robustprune/{__version__}"})
     opener = urllib.request.build_opener(_HttpOnlyRedirects())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from robustprune.data.base import DATASETS, Dataset, DatasetSource, Split
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from robustprune.data.base import DATASETS, Dataset, DatasetSource, Split
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import MAX_CLASSES
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -12,7 +12,7 @@ import scipy.io
 import torch
 
 from robustprune.data.base import DATASETS, Dataset, DatasetSource, Split
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 

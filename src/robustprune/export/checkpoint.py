@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustprune.errors import UserError
-from robustprune.export import digest
+from robustprune.infra.errors import UserError
+from robustprune.infra import digest
 from robustprune.export import slim as slim_spec
 from robustprune.export import sparse
 from robustprune.export.external import check_values  # finite floats, 0/1 masks (as `import` checks)
-from robustprune.fileio import atomic_path
+from robustprune.infra.fileio import atomic_path
 from robustprune.pruning import load_plain_state_dict, plain_state_dict
 from robustprune.pruning.masks import MASK_SUFFIX
 

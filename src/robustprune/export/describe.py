@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.export.checkpoint import read
 from robustprune.pruning.masks import MASK_SUFFIX
 

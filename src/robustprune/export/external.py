@@ -9,7 +9,7 @@ arbitrary pickled objects, so a malicious pickle is refused instead of run. Acce
 - masks in our plain form (``<param>_mask`` beside ``<param>``) or in ``torch.nn.utils.prune``'s form
   (``<param>_orig`` and ``<param>_mask``): the masks are attached, so pruned weights stay exactly 0.
 Any mismatch (missing / unexpected keys, shapes, non-tensor or non-finite values) raises one-line
-:class:`~robustprune.errors.UserError` naming a few offending keys.
+:class:`~robustprune.infra.errors.UserError` naming a few offending keys.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning import load_plain_state_dict, plain_state_dict
 from robustprune.pruning.masks import MASK_SUFFIX
 

@@ -24,8 +24,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
-from robustprune.fileio import atomic_path
+from robustprune.infra.errors import UserError
+from robustprune.infra.fileio import atomic_path
 from robustprune.pruning.groups import baked_copy
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

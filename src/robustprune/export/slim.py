@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models import check_spec, model_from_spec
 
 MAX_PARAMETERS = 2_000_000_000  # 8 GB of fp32 weights: far beyond the zoo; a larger spec is a crafted file

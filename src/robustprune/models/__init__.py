@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models.base import MODELS, Normalize
 from robustprune.models import mlp, cnn, vgg, resnet, wrn  # noqa: F401  (registration)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.models.base import MODELS, kaiming_init_
 from robustprune.models.layers import InputConv2d
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
 from robustprune.objectives import benign, certified, fast, mart, pgd, smooth, trades  # noqa: F401  (registration)
 

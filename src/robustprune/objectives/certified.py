@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.bounds import margin_bounds, margin_lower_bounds
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
 from robustprune.objectives.schedules import interpolate
 

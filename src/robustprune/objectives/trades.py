@@ -28,7 +28,7 @@ from torch import nn
 
 from robustprune.attacks.geometry import BALLS
 from robustprune.attacks.pgd import default_step_size
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
 
 START_SD = 0.001  # the reference code's start: x + 0.001 · N(0, 1)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning.importance import PRUNERS, Importance
 from robustprune.pruning.masks import (
     apply_masks, kept_per_layer, layer_density, load_plain_state_dict, masks, plain_state_dict, prunable_layers,

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning.masks import PRUNABLE_TYPES
 
 #: Torch-Pruning's stand-ins for traced tensor ops (ReLU, add, pooling, flatten, ...): they carry channels along

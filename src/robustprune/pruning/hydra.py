@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning.masks import apply_masks, get_mask, prunable_layers
 
 SCOPES = ("layer", "global")

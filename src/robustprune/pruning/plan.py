@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning.masks import apply_masks
 
 

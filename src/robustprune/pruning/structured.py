@@ -29,7 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 from robustprune.pruning.groups import (
     BIAS, INPUT, NORM, WEIGHT, ChannelGroup, all_groups, baked_copy, channel_groups, dependency_graph, describe,
     example_batch, resolve_ignored,

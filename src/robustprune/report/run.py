@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from robustprune.fileio import finite, write_json, write_text
+from robustprune.infra.fileio import finite, write_json, write_text
 
 STAGES = ("pretrained", "pruned", "finetuned")
 STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc",
@@ -130,75 +130,10 @@ def render_markdown(report: dict) -> str:
 
 def write_report(out_dir: str | Path, report: dict) -> None:
     """report.json, the plots (``plots/``) and report.md embedding them."""
-    from robustprune.plots import run_plots
+    from robustprune.report.plots import run_plots
 
     out_dir = Path(out_dir)
     artifacts = report.setdefault("artifacts", {})
     artifacts["plots"] = [str(p) for p in run_plots(report, out_dir)]
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", render_markdown(report))
-
-
-def rerender(folder: str | Path) -> list[Path]:
-    """``robustprune report``: the plots and markdown of a run folder (report.json) or a sweep folder (sweep.json)
-    written again from the stored JSON, without running anything. A moved run folder's artifact paths are pointed at
-    its new place. The folder is locked meanwhile (``outdir``): a run or sweep still writing it is not disturbed."""
-    from robustprune import outdir
-    from robustprune.errors import UserError
-
-    folder = Path(folder)
-    for name in ("sweep.json", "report.json"):
-        if (folder / name).is_file():
-            data = _read_json(folder / name)
-            try:  # markdown first (in memory): a malformed file is refused before anything is rewritten
-                with outdir.lock_folder(folder):
-                    return _rerender_sweep(data, folder) if name == "sweep.json" else _rerender_run(data, folder)
-            except UserError:
-                raise
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-                raise UserError(f"{folder / name}: not a robustprune {name} ({type(err).__name__}: {err})") from None
-    raise UserError(f"{folder}: no report.json or sweep.json (give a run or sweep folder)")
-
-
-def _rerender_sweep(data: dict, folder: Path) -> list[Path]:
-    from robustprune.plots import sweep_plots
-    from robustprune.sweep import render_sweep
-
-    render_sweep(data, folder)
-    data["plots"] = [str(p) for p in sweep_plots(data, folder / "plots")]
-    write_json(folder / "sweep.json", data)
-    write_text(folder / "sweep.md", render_sweep(data, folder))
-    return [folder / "sweep.md", *map(Path, data["plots"])]
-
-
-def _rerender_run(report: dict, folder: Path) -> list[Path]:
-    render_markdown(report)
-    repoint_artifacts(report, folder)
-    write_report(folder, report)
-    return [folder / "report.md", *map(Path, report["artifacts"]["plots"])]
-
-
-def repoint_artifacts(report: dict, folder: Path) -> None:
-    """Artifact paths naming files of the run folder where it was written (report.md's folder) now name them in
-    ``folder``, in the form ``run`` writes (``<folder>/<name>``); paths elsewhere are kept as they are."""
-    artifacts = report.get("artifacts")
-    anchor = artifacts.get("report_md") if isinstance(artifacts, dict) else None
-    if not isinstance(anchor, str):  # nothing to re-point (write_report adds the plots)
-        return
-    old = Path(anchor).parent
-    for key, value in artifacts.items():
-        if key != "plots" and isinstance(value, str) and Path(value).is_relative_to(old):
-            artifacts[key] = str(folder / Path(value).relative_to(old))
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    from robustprune.errors import UserError
-    try:
-        value = json.loads(path.read_text())
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        return value
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None

@@ -29,9 +29,9 @@ import time
 import uuid
 from pathlib import Path
 
-from robustprune import __version__
-from robustprune.errors import UserError
-from robustprune.fileio import write_json
+from robustprune.infra.version import __version__
+from robustprune.infra.errors import UserError
+from robustprune.infra.fileio import write_json
 
 MARKER = ".robustprune"
 LOCK = ".robustprune.lock"

@@ -26,9 +26,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustprune.errors import UserError
-from robustprune.export import digest
-from robustprune.fileio import atomic_path
+from robustprune.infra.errors import UserError
+from robustprune.infra import digest
+from robustprune.infra.fileio import atomic_path
 
 JOURNAL = "resume.safetensors"
 _DELETE_IT = "; delete it to restart the run from its last stage checkpoint"

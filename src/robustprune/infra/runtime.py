@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 KEY = "sha256"
 

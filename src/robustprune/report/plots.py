@@ -14,8 +14,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from robustprune.fileio import atomic_path
-from robustprune.report import METRICS
+from robustprune.infra.fileio import atomic_path
+from robustprune.report.run import METRICS
 
 
 

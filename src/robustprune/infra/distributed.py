@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 
 def requested() -> bool:

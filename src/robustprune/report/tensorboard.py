@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robustprune.errors import UserError
+from robustprune.infra.errors import UserError
 
 _EPOCH_SCALARS = ("loss", "train_acc", "lr", "eps")
 _EVAL_SCALARS = ("benign_acc", "pgd_acc", "autoattack_acc", "verified_acc", "compression")
