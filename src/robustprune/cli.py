@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from robustprune.infra import outdir
-from robustprune.infra.version import __version__
-from robustprune.infra.allocator import keep_freed_memory
 from robustprune.config import Config, load_config
+from robustprune.infra import outdir
+from robustprune.infra.allocator import keep_freed_memory
 from robustprune.infra.errors import TrainingDiverged, UserError, one_line
+from robustprune.infra.version import __version__
+from robustprune.pruning import SCOPES
 
 LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--compression", type=float, help="prunable / nonzero prunable weights (>= 1)")
     amount.add_argument("--sparsity", type=float, help="fraction of prunable weights set to 0, in [0, 1)")
-    p.add_argument("--scope", choices=("layer", "global", "erk"),
+    p.add_argument("--scope", choices=SCOPES,
                    help="layer: same rate per layer; global: one threshold; erk: Erdős–Rényi-Kernel rates")
     p.add_argument("--rule", help="pruning rule (robustprune list pruners)")
     _add_config_args(p)

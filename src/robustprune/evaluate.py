@@ -22,49 +22,58 @@ Invariants, checked on every evaluation:
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from robustprune.infra import distributed
-from robustprune.attacks import autoattack, fgsm, pgd, square
+from robustprune.attacks import ATTACKS, Attack, AttackSettings, Threat
 from robustprune.bounds import verify
-from robustprune.config import EvalConfig, ThreatConfig
+from robustprune.config import EvalConfig
 from robustprune.data import Split
+from robustprune.infra import distributed
+
+#: The gradient-free check that joins the configured attacks unless a gradient-free one already runs.
+MASKING_CHECK = "square"
 
 
 class SoundnessError(RuntimeError):
     """A sample counted as verified was misclassified or broken by an attack: a bug, never a result."""
 
 
-def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, threat: ThreatConfig,
-                cfg: EvalConfig, seed: int) -> torch.Tensor:
-    if name == "pgd":
-        return pgd(model, x, y, eps, cfg.pgd_steps, cfg.pgd_step_size, cfg.pgd_restarts, threat.norm,
-                   loss=cfg.pgd_loss)
-    if name == "fgsm":
-        return fgsm(model, x, y, eps, threat.norm, loss=cfg.pgd_loss)
-    if name == "square":
-        return square(model, x, y, eps, threat.norm, cfg.square_queries, seed=seed)
-    return autoattack(model, x, y, eps, threat.norm, cfg.autoattack_attacks, seed=seed)
+class AttackRun(NamedTuple):
+    """One attack at one radius: ``label`` is its name, or ``name@f`` at the fraction f of ε."""
 
-
-GRADIENT_ATTACKS = ("pgd", "fgsm")  # what gradient masking fools; Square and AutoAttack's Square do not need gradients
+    label: str
+    attack: Attack
+    settings: AttackSettings
+    threat: Threat
+    count: int  # it covers the first ``count`` evaluated samples
 
 
 def attack_plan(cfg: EvalConfig, n: int) -> dict[str, int]:
     """Attack name → how many of the first evaluated samples it covers. The gradient-free check (Square) joins the
-    configured attacks unless AutoAttack, which ends with Square itself, already runs."""
-    attacks = [a for a in cfg.attacks if not (a == "pgd" and cfg.pgd_steps == 0)]
-    if cfg.masking_check and attacks and not {"autoattack", "square"} & set(attacks):
-        attacks.append("square")
-    caps = {"autoattack": cfg.autoattack_n_samples, "square": cfg.square_n_samples}
-    return {a: n if caps.get(a) is None else min(n, caps[a]) for a in attacks}
+    configured attacks unless one of them needs no gradient (AutoAttack ends with Square itself)."""
+    attacks = [a for a in cfg.attacks if ATTACKS.get(a)().active(cfg.settings(a))]
+    if cfg.masking_check and attacks and not any(ATTACKS.get(a).gradient_free for a in attacks):
+        attacks.append(MASKING_CHECK)
+    caps = {a: cfg.settings(a).n_samples for a in attacks}
+    return {a: n if caps[a] is None else min(n, caps[a]) for a in attacks}
+
+
+def attack_runs(cfg: EvalConfig, threat: Threat, n: int) -> list[AttackRun]:
+    """Every attack of the plan at ε, then each at its ``eps_fractions`` of ε (a smaller ball inside the larger)."""
+    plan = attack_plan(cfg, n)
+    runs = [AttackRun(a, ATTACKS.get(a)(), cfg.settings(a), threat, count) for a, count in plan.items()]
+    return runs + [run._replace(label=f"{run.label}@{f:g}", threat=dataclasses.replace(threat, eps=f * threat.eps))
+                   for run in list(runs) for f in run.settings.eps_fractions]
 
 
 def evaluate(
     model: nn.Module,
     test: Split,
-    threat: ThreatConfig,
+    threat: Threat,
     cfg: EvalConfig,
     *,
     batch_size: int = 500,
@@ -73,19 +82,29 @@ def evaluate(
     """Benign accuracy, attacks, verification and smoothing on the first ``cfg.n_samples`` test samples.
 
     The attacks' random starts come from ``seed`` on a forked RNG: identical for every stage and rerun, and the
-    caller's random stream is left untouched. AutoAttack covers the first ``autoattack_n_samples``, verification the
+    caller's random stream is left untouched. Each attack covers its ``n_samples`` first samples, verification the
     first ``verify_n_samples`` (L∞ only: the bounds' input set), smoothing the first ``smoothing_n_samples``.
     """
-    device = next(model.parameters()).device
     n = len(test) if cfg.n_samples is None else min(cfg.n_samples, len(test))
     was_training = model.training
     model.eval()
-    counts = attack_plan(cfg, n)
-    attacks = list(counts)
-    runs = [(a, threat.eps) for a in attacks]
-    runs += [(f"pgd@{f:g}", f * threat.eps) for f in cfg.pgd_eps_fractions if "pgd" in attacks]
+    runs = attack_runs(cfg, threat, n)
+    clean, survived = attacked_flags(model, test, runs, n, batch_size, seed)
+    verified = verify_all(model, test, threat, cfg, n, batch_size)
+    smoothing = smoothing_figures(model, test, cfg, n, seed)
+    model.train(was_training)
+    metrics = attack_metrics(clean, survived, [r.label for r in runs if "@" not in r.label], cfg)
+    metrics.update(smoothing=smoothing, n_eval=n)
+    metrics.update(verified_metrics(verified, clean, survived))
+    return metrics
+
+
+def attacked_flags(model: nn.Module, test: Split, runs: list[AttackRun], n: int, batch_size: int,
+                   seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per sample: classified correctly, and per attack run, correct at the attack's point (gathered over ranks)."""
+    device = next(model.parameters()).device
     clean = torch.zeros(n, dtype=torch.bool)
-    survived = {name: torch.zeros(counts.get(name.split("@")[0], n), dtype=torch.bool) for name, _ in runs}
+    survived = {run.label: torch.zeros(run.count, dtype=torch.bool) for run in runs}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in distributed.my_starts(range(0, n, batch_size)):
@@ -96,52 +115,55 @@ def evaluate(
             with torch.inference_mode():
                 correct = model(x).argmax(1) == y
             clean[start:stop] = correct.cpu()
-            for name, eps in runs:
-                end = min(stop, len(survived[name]))
+            for run in runs:
+                end = min(stop, run.count)
                 if end <= start:
                     continue
-                x_adv = _run_attack(name.split("@")[0], model, x[:end - start], y[:end - start], eps, threat, cfg,
-                                    seed)
+                x_adv = run.attack(model, x[:end - start], y[:end - start], run.threat, run.settings, seed=seed)
                 with torch.inference_mode():
                     held = model(x_adv).argmax(1) == y[:end - start]
-                survived[name][start:end] = (held & correct[:end - start]).cpu()
+                survived[run.label][start:end] = (held & correct[:end - start]).cpu()
     clean = distributed.gather_flags(clean, device)
-    survived = {name: distributed.gather_flags(flags, device) for name, flags in survived.items()}
-    verified = verify_all(model, test, threat, cfg, n, batch_size)
-    smoothing = smoothing_figures(model, test, cfg, n, seed)
-    model.train(was_training)
+    return clean, {label: distributed.gather_flags(flags, device) for label, flags in survived.items()}
 
-    def accuracy(flags: torch.Tensor | None) -> float | None:
-        return int(flags.sum()) / len(flags) if flags is not None and len(flags) else None
 
+def _accuracy(flags: torch.Tensor | None) -> float | None:
+    return int(flags.sum()) / len(flags) if flags is not None and len(flags) else None
+
+
+def attack_metrics(clean: torch.Tensor, survived: dict[str, torch.Tensor], attacks: list[str],
+                   cfg: EvalConfig) -> dict:
+    """The stage record's attack fields: worst case over the attacks at ε, per-attack accuracies, masking gap and
+    the consistency warnings."""
     robust, n_robust = worst_case(clean, {a: survived[a] for a in attacks})
     gap, masking = masking_gap(clean, survived, cfg)
-    metrics = {
-        "robust_acc": accuracy(robust),
+    return {
+        "robust_acc": _accuracy(robust),
         "n_robust_eval": n_robust,
         "masking_gap": gap,
-        "benign_acc": accuracy(clean),
-        "pgd_acc": accuracy(survived.get("pgd")),
-        "autoattack_acc": accuracy(survived.get("autoattack")),
-        "attack_acc": {name: accuracy(flags) for name, flags in survived.items()},
-        "verified_acc": None,
-        "verified_by": {},
-        "smoothing": smoothing,
-        "n_eval": n,
-        "n_autoattack_eval": counts.get("autoattack"),
-        "n_verified_eval": None,
-        "warnings": masking + consistency_warnings(clean, survived, cfg.pgd_eps_fractions),
+        "benign_acc": _accuracy(clean),
+        "pgd_acc": _accuracy(survived.get("pgd")),
+        "autoattack_acc": _accuracy(survived.get("autoattack")),
+        "attack_acc": {name: _accuracy(flags) for name, flags in survived.items()},
+        "n_autoattack_eval": len(survived["autoattack"]) if "autoattack" in survived else None,
+        "warnings": masking + consistency_warnings(clean, survived, cfg),
     }
-    if verified:
-        held_all = clean.clone()
-        for flags in survived.values():
-            held_all[:len(flags)] &= flags  # held against every attack that ran on the sample
-        check_invariants(verified, clean, held_all)
-        union = torch.stack(list(verified.values())).any(0)
-        n_verify = len(union)
-        metrics.update(verified_acc=int(union.sum()) / n_verify if n_verify else None, n_verified_eval=n_verify,
-                       verified_by={k: int(v.sum()) / n_verify for k, v in verified.items()} if n_verify else {})
-    return metrics
+
+
+def verified_metrics(verified: dict[str, torch.Tensor], clean: torch.Tensor,
+                     survived: dict[str, torch.Tensor]) -> dict:
+    """Verified accuracy (the union of the sound verifiers), per method, after checking every verified sample is
+    classified correctly and survives every attack that ran on it."""
+    if not verified:
+        return {"verified_acc": None, "verified_by": {}, "n_verified_eval": None}
+    held_all = clean.clone()
+    for flags in survived.values():
+        held_all[:len(flags)] &= flags  # held against every attack that ran on the sample
+    check_invariants(verified, clean, held_all)
+    union = torch.stack(list(verified.values())).any(0)
+    n_verify = len(union)
+    return {"verified_acc": int(union.sum()) / n_verify if n_verify else None, "n_verified_eval": n_verify,
+            "verified_by": {k: int(v.sum()) / n_verify for k, v in verified.items()} if n_verify else {}}
 
 
 def worst_case(clean: torch.Tensor, survived: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, int | None]:
@@ -160,8 +182,9 @@ def masking_gap(clean: torch.Tensor, survived: dict[str, torch.Tensor], cfg: Eva
     """The fraction of samples a gradient-free attack breaks that every gradient attack left (on the samples all of
     them ran on), and a warning when it exceeds ``masking_threshold``: the gradient attacks were fooled (gradient
     masking) or are too weak, and their figures overstate robustness."""
-    gradient = {a: f for a, f in survived.items() if a in GRADIENT_ATTACKS}
-    free = next((a for a in ("square", "autoattack") if a in survived), None)
+    at_eps = {a: f for a, f in survived.items() if "@" not in a}
+    gradient = {a: f for a, f in at_eps.items() if not ATTACKS.get(a).gradient_free}
+    free = next((a for a in (MASKING_CHECK, *at_eps) if a in at_eps and ATTACKS.get(a).gradient_free), None)
     if not gradient or free is None:
         return None, []
     held, count = worst_case(clean, gradient)
@@ -172,13 +195,14 @@ def masking_gap(clean: torch.Tensor, survived: dict[str, torch.Tensor], cfg: Eva
     gap = int((left & ~survived[free][:count]).sum()) / count
     if gap <= cfg.masking_threshold:
         return gap, []
-    what = f"Square (gradient-free, {cfg.square_queries} queries)" if free == "square" else "AutoAttack"
+    what = {"square": f"Square (gradient-free, {cfg.settings('square').queries} queries)",
+            "autoattack": "AutoAttack"}.get(free, free)
     return gap, [f"gradient masking: {what} breaks {100 * gap:.1f}% of the first {count} samples that "
                  f"{' and '.join(gradient)} left (threshold {100 * cfg.masking_threshold:g}%): the gradient "
                  "attacks overstate robustness; robust_acc counts these samples as broken"]
 
 
-def consistency_warnings(clean: torch.Tensor, survived: dict[str, torch.Tensor], fractions) -> list[str]:
+def consistency_warnings(clean: torch.Tensor, survived: dict[str, torch.Tensor], cfg: EvalConfig) -> list[str]:
     """Messages for every ordering a correct evaluation must respect and this one does not (compared on the
     samples both attacks ran on)."""
     warnings = []
@@ -195,8 +219,10 @@ def consistency_warnings(clean: torch.Tensor, survived: dict[str, torch.Tensor],
     masking = "a sign of gradient masking or a weak attack"
     compare("pgd", "autoattack", masking)
     compare("fgsm", "pgd", masking)
-    for f in fractions:
-        compare(f"pgd@{f:g}", "pgd", f"accuracy rose from {f:g}·ε to ε; {masking}")
+    for label in survived:
+        if "@" in label:
+            name, fraction = label.split("@")
+            compare(label, name, f"accuracy rose from {fraction}·ε to ε; {masking}")
     for name, flags in survived.items():
         if bool((flags & ~clean[:len(flags)]).any()):  # robust implies clean by construction: a bug if not
             warnings.append(f"{name} counts a misclassified sample as robust")
@@ -220,7 +246,7 @@ def smoothing_figures(model: nn.Module, test: Split, cfg: EvalConfig, n: int, se
             "abstained": int((result.prediction < 0).sum()) / count if count else None}
 
 
-def verify_all(model: nn.Module, test: Split, threat: ThreatConfig, cfg: EvalConfig, n: int,
+def verify_all(model: nn.Module, test: Split, threat: Threat, cfg: EvalConfig, n: int,
                batch_size: int) -> dict[str, torch.Tensor]:
     """Per verifier, a BoolTensor over the first ``verify_n_samples`` evaluated samples ({} when not applicable)."""
     if not cfg.verifiers or threat.norm != "linf":

@@ -18,16 +18,15 @@ from torch import nn
 
 from robustprune.infra import distributed, outdir
 from robustprune.infra.version import __version__
-from robustprune.attacks import ATTACKS, BALLS
-from robustprune.bounds import VERIFIERS, build_graph
-from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_config
-from robustprune.data import DATASETS, Dataset, hold_out, load_dataset
+from robustprune.bounds import build_graph
+from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_stored
+from robustprune.data import Dataset, hold_out, load_dataset
 from robustprune.infra.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
 from robustprune.infra.fileio import write_json, write_text
-from robustprune.models import MODELS, create_model
-from robustprune.objectives import OBJECTIVES, Objective, create
+from robustprune.models import create_model
+from robustprune.objectives import OBJECTIVES, Objective
 from robustprune.objectives.base import Penalised
 from robustprune.pruning import (
     PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, kept_per_layer, learned_allocation, learned_penalty,
@@ -43,19 +42,12 @@ Log = Callable[[str], None]
 
 
 def check_names(cfg: Config) -> None:
-    """Every registry name of the config exists (a "did you mean" error before anything runs)."""
-    DATASETS.get(cfg.data.name)
-    MODELS.get(cfg.model.name)
-    OBJECTIVES.get(cfg.objective.name)
-    if cfg.finetune_objective is not None:
-        OBJECTIVES.get(cfg.finetune_objective.name)
-    PRUNERS.get(cfg.prune.rule)
-    BALLS.get(cfg.threat.norm)
-    for method in cfg.evaluate.verifiers:
-        VERIFIERS.get(method)
-    for attack in cfg.evaluate.attacks:
-        ATTACKS.get(attack)
+    """What the config could not check when it was read: the device exists here, and each objective trains for
+    the threat's norm (a one-line error before anything runs)."""
     resolve_device(cfg.device)
+    for section in (cfg.objective, cfg.finetune_objective):
+        if section is not None:
+            build_objective(section, cfg.threat)
 
 
 def check_prunable(cfg: Config, data: Dataset) -> None:
@@ -70,18 +62,14 @@ def check_prunable(cfg: Config, data: Dataset) -> None:
 
 def check_boundable(cfg: Config, data: Dataset) -> None:
     """A model the verifiers or a certified objective must bound has a bound class for every layer (else exit 2)."""
-    certified = {o.name for o in (cfg.objective, cfg.finetune_objective) if o is not None} & {"ibp", "crown-ibp"}
+    certified = any(OBJECTIVES.get(o.name).certified for o in (cfg.objective, cfg.finetune_objective) if o is not None)
     if certified or (cfg.evaluate.verifiers and cfg.threat.norm == "linf"):
         build_graph(new_model(cfg, data))
 
 
 def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
-    """The objective named by ``cfg`` (``create`` hands it the settings it takes; the rest are for other objectives)."""
-    settings = {"eps": threat.eps if cfg.eps is None else cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
-                "random_start": cfg.random_start, "norm": threat.norm, "kappa_start": cfg.kappa_start,
-                "kappa_end": cfg.kappa_end, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-                "trades_beta": cfg.trades_beta, "mart_lambda": cfg.mart_lambda, "noise_sd": cfg.noise_sd}
-    return create(cfg.name, **settings)
+    """The objective named by ``cfg`` with its own settings, at ``cfg.eps`` (default: the threat's radius)."""
+    return OBJECTIVES.get(cfg.name)(threat.eps if cfg.eps is None else cfg.eps, threat.norm, cfg.settings)
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -173,7 +161,7 @@ def open_for_resume(out: Path, cfg: Config) -> None:
     """A run folder to continue: it exists, holds this very config and is not finished."""
     if not (out / "config.yaml").is_file():
         raise UserError(f"--resume: {out} is not a run folder (no config.yaml)")
-    stored = load_config(out / "config.yaml")
+    stored = load_stored(out / "config.yaml")
     if stored.to_dict() != cfg.to_dict():
         changed = sorted(k for k, v in cfg.to_dict().items() if stored.to_dict().get(k) != v)
         raise UserError(f"--resume: the config differs from {out / 'config.yaml'} in {', '.join(changed)} "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import contextlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from robustprune.infra.errors import UserError
@@ -24,6 +25,21 @@ class Registry(Generic[T]):
             return entry
 
         return decorate
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, entry: T) -> Iterator[T]:
+        """``entry`` under ``name`` (registered, or replacing the registered one) for the ``with`` block only: an
+        extension tried out, or a test's stand-in, leaves the table as it found it."""
+        missing = object()
+        previous = self._entries.get(name, missing)
+        self._entries[name] = entry
+        try:
+            yield entry
+        finally:
+            if previous is missing:
+                del self._entries[name]
+            else:
+                self._entries[name] = previous  # type: ignore[assignment]
 
     def get(self, name: str) -> T:
         try:

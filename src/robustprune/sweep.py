@@ -20,7 +20,7 @@ import yaml
 
 from robustprune.infra import outdir
 from robustprune.infra.version import __version__
-from robustprune.config import Config, load_config
+from robustprune.config import Config, load_stored
 from robustprune.infra.errors import UserError
 from robustprune.export import load, read_metadata, save
 from robustprune.infra.fileio import write_json, write_text
@@ -52,8 +52,8 @@ def points(compressions: Sequence[float], pretrain: Sequence[str], finetune: Seq
 def point_config(cfg: Config, point: Point) -> Config:
     """The run config of one point: its rule and compression, its fine-tuning objective (same settings)."""
     prune = dataclasses.replace(cfg.prune, rule=point.rule, compression=point.compression, sparsity=None)
-    finetune_objective = dataclasses.replace(cfg.finetune_objective or cfg.objective, name=point.finetune)
-    objective = dataclasses.replace(cfg.objective, name=point.pretrain)
+    finetune_objective = (cfg.finetune_objective or cfg.objective).renamed(point.finetune)
+    objective = cfg.objective.renamed(point.pretrain)
     return dataclasses.replace(cfg, prune=prune, objective=objective, finetune_objective=finetune_objective)
 
 
@@ -118,8 +118,8 @@ def _check_out(out: Path, cfg: Config) -> None:
 def _check_same_sweep(out: Path, cfg: Config) -> None:
     """Resuming needs the same config: points computed under another one would be mixed in silently."""
     stored = out / "config.yaml"
-    # read back through load_config: settings added by a newer robustprune take their defaults on both sides
-    if stored.is_file() and load_config(stored).to_dict() != cfg.to_dict():
+    # read back through load_stored: settings added by a newer robustprune take their defaults on both sides
+    if stored.is_file() and load_stored(stored).to_dict() != cfg.to_dict():
         raise UserError(f"{out} holds a sweep with another config; give a new --out or delete the folder")
 
 
@@ -128,7 +128,7 @@ def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) 
     if path.is_file():
         log(f"pre-trained with {name}: {path.name}, done before, reused")
         return {"checkpoint": path, "metrics": read_metadata(path)["metrics"]}
-    run_cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, name=name))
+    run_cfg = dataclasses.replace(cfg, objective=cfg.objective.renamed(name))
     generator = start(cfg)
     model = pipeline.new_model(run_cfg, data).to(resolve_device(cfg.device))
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from robustprune.attacks import pgd
 from robustprune.attacks.geometry import LinfBall
 from robustprune.attacks.pgd import attack_loss, default_step_size, succeeded
 from robustprune.models import create_model
-from robustprune.objectives import OBJECTIVES
+from robustprune.objectives import create
 from robustprune.pruning.masks import prunable_layers, set_mask
 
 
@@ -101,7 +101,7 @@ def test_pgd_equals_the_straightforward_loop(batch, masked, norm, eps, restarts,
 def test_pgd_training_points_equal_the_straightforward_loop(batch):
     x, y = batch
     model = network(masked=True).train()
-    objective = OBJECTIVES.get("pgd")(eps=0.3, steps=10)
+    objective = create("pgd", eps=0.3, steps=10)
     torch.manual_seed(11)
     fast = objective.adversarial(model, x, y)
     assert model.training  # the caller's mode is restored

@@ -4,12 +4,14 @@ that runs them: per-attack accuracies, ε monotonicity, consistency warnings, sm
 invariant against every attack."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from robustprune.attacks import ATTACKS, attack_loss, autoattack, fgsm, pgd, square, succeeded
-from robustprune.config import EvalConfig, ThreatConfig
+from robustprune.attacks import ATTACKS, Attack, attack_loss, autoattack, fgsm, pgd, square, succeeded
+from robustprune.config import eval_config, ThreatConfig
 from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.evaluate import SoundnessError, consistency_warnings, evaluate
@@ -41,8 +43,14 @@ def run(name: str, model, x, y, eps: float, norm: str = "linf", **options):
     return autoattack(model, x, y, eps, norm, attacks=("apgd-ce", "apgd-t"))
 
 
-def test_the_registry_names_every_attack():
-    assert set(ATTACKS.names()) == {"pgd", "fgsm", "autoattack", "square"}
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_registered_attack_has_the_one_interface(name):
+    """Each entry is an Attack class whose settings dataclass builds from its defaults and round-trips through the
+    config's ``<attack>_<setting>`` keys."""
+    cls = ATTACKS.get(name)
+    assert issubclass(cls, Attack) and dataclasses.is_dataclass(cls.Settings)
+    flat = {f"{name}_{k}": v for k, v in dataclasses.asdict(cls.Settings()).items()}
+    assert eval_config(**flat).settings(name) == cls.Settings()
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -145,7 +153,7 @@ def test_unknown_attack_loss_is_refused(trained, tiny_data):
 # --------------------------------------------------------------------------------------------------- evaluation
 
 def test_evaluation_reports_every_attack_and_respects_the_orderings(trained, tiny_data):
-    cfg = EvalConfig(pgd_steps=20, pgd_restarts=2, attacks=("pgd", "fgsm", "autoattack"), verifiers=(),
+    cfg = eval_config(pgd_steps=20, pgd_restarts=2, attacks=("pgd", "fgsm", "autoattack"), verifiers=(),
                      autoattack_attacks=("apgd-ce", "apgd-t"), autoattack_n_samples=40, n_samples=80,
                      pgd_eps_fractions=(0.5,))
     metrics = evaluate(trained, tiny_data.test, ThreatConfig(eps=0.15), cfg)
@@ -182,15 +190,19 @@ def test_warnings_reach_report_json_and_the_table():
 def test_a_verified_sample_broken_by_any_attack_is_a_soundness_error(trained, tiny_data, monkeypatch):
     import sys
     evaluation = sys.modules["robustprune.evaluate"]  # the package's `evaluate` name is the function
-    monkeypatch.setattr(evaluation, "fgsm", lambda model, x, y, eps, norm, loss: torch.zeros_like(x))
     monkeypatch.setattr(evaluation, "verify_all", lambda *a: {"ibp": torch.ones(20, dtype=torch.bool)})
-    cfg = EvalConfig(pgd_steps=0, attacks=("fgsm",), n_samples=20)
-    with pytest.raises(SoundnessError, match="broken by an attack"):
+    cfg = eval_config(pgd_steps=0, attacks=("fgsm",), n_samples=20)
+
+    class Blank(Attack):  # every point black: breaks the samples whose class is not the black image's
+        def __call__(self, model, x, y, threat, settings, *, seed=0):
+            return torch.zeros_like(x)
+
+    with ATTACKS.temporarily("fgsm", Blank), pytest.raises(SoundnessError, match="broken by an attack"):
         evaluate(trained, tiny_data.test, ThreatConfig(eps=0.1), cfg)
 
 
 def test_smoothing_figures_are_reported_when_asked(trained, tiny_data):
-    cfg = EvalConfig(pgd_steps=0, verifiers=(), n_samples=30, smoothing_sigma=0.25, smoothing_n0=20,
+    cfg = eval_config(pgd_steps=0, verifiers=(), n_samples=30, smoothing_sigma=0.25, smoothing_n0=20,
                      smoothing_n=100, smoothing_alpha=0.01, smoothing_n_samples=10, smoothing_radii=(0.0, 0.25))
     metrics = evaluate(trained, tiny_data.test, ThreatConfig(eps=0.1), cfg)
     fig = metrics["smoothing"]
@@ -198,7 +210,7 @@ def test_smoothing_figures_are_reported_when_asked(trained, tiny_data):
     assert 0 <= fig["certified_acc"]["0.25"] <= fig["certified_acc"]["0"] <= 1
     again = evaluate(trained, tiny_data.test, ThreatConfig(eps=0.1), cfg)
     assert again["smoothing"] == fig  # seeded noise: reproducible
-    assert evaluate(trained, tiny_data.test, ThreatConfig(eps=0.1), EvalConfig(pgd_steps=0, verifiers=(),
+    assert evaluate(trained, tiny_data.test, ThreatConfig(eps=0.1), eval_config(pgd_steps=0, verifiers=(),
                                                                              n_samples=5))["smoothing"] is None
 
 

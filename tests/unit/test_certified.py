@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import importlib
 from robustprune.bounds import margin_lower_bounds
-from robustprune.config import EvalConfig, ThreatConfig, TrainConfig, load_config
+from robustprune.config import eval_config, ThreatConfig, TrainConfig, load_config
 from robustprune.infra.errors import UserError
 from robustprune.evaluate import SoundnessError, evaluate
 from robustprune.objectives import create
@@ -67,7 +67,7 @@ def test_crown_ibp_mixes_bounds_with_beta_and_equals_ibp_at_beta_zero(tiny_mlp, 
 
 
 def test_certified_objectives_refuse_the_l2_threat():
-    with pytest.raises(UserError, match="L∞"):
+    with pytest.raises(UserError, match="objective ibp trains for the threat norms linf; threat.norm is 'l2'"):
         build_objective(load_config(None, ["objective.name=ibp"]).objective, ThreatConfig(norm="l2", eps=0.5))
 
 
@@ -83,7 +83,7 @@ def test_ibp_training_raises_verified_accuracy(tiny_data):
 
     torch.manual_seed(0)
     model = create_model("mlp", (1, 6, 6), 3)
-    threat, cfg = ThreatConfig(eps=0.1), EvalConfig(pgd_steps=10, verifiers=("ibp", "crown"))
+    threat, cfg = ThreatConfig(eps=0.1), eval_config(pgd_steps=10, verifiers=("ibp", "crown"))
     before = evaluate(model, tiny_data.test, threat, cfg)
     fit(model, create("ibp", eps=0.1, kappa_end=0.0), tiny_data.train,
         TrainConfig(epochs=15, lr=3e-3, clean_epochs=2, eps_warmup_epochs=5), batch_size=16, quiet=True)
@@ -95,11 +95,11 @@ def test_ibp_training_raises_verified_accuracy(tiny_data):
 
 
 def test_verification_is_capped_and_skipped_for_l2(tiny_mlp, tiny_data):
-    capped = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.01), EvalConfig(pgd_steps=2, verify_n_samples=5))
+    capped = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.01), eval_config(pgd_steps=2, verify_n_samples=5))
     assert capped["n_verified_eval"] == 5 and capped["n_eval"] == len(tiny_data.test)
-    l2 = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(norm="l2", eps=0.1), EvalConfig(pgd_steps=2))
+    l2 = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(norm="l2", eps=0.1), eval_config(pgd_steps=2))
     assert l2["verified_acc"] is None and l2["verified_by"] == {}
-    none = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.01), EvalConfig(pgd_steps=2, verifiers=()))
+    none = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.01), eval_config(pgd_steps=2, verifiers=()))
     assert none["verified_acc"] is None
 
 
@@ -108,7 +108,7 @@ def test_a_verified_sample_broken_by_the_attack_is_a_soundness_error(tiny_mlp, t
     evaluation = importlib.import_module("robustprune.evaluate")
     monkeypatch.setattr(evaluation, "verify", lambda model, x, y, eps, method: torch.ones(len(x), dtype=torch.bool))
     with pytest.raises(SoundnessError, match="verified by ibp but"):
-        evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.5), EvalConfig(pgd_steps=5, verifiers=("ibp",)))
+        evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.5), eval_config(pgd_steps=5, verifiers=("ibp",)))
 
 
 def test_unknown_verifier_is_refused_before_anything_runs():
@@ -122,13 +122,17 @@ def test_partial_section_override_keeps_the_config_defaults_of_that_section():
     cfg = load_config(None, ["pretrain.clean_epochs=2"])
     assert (cfg.pretrain.epochs, cfg.pretrain.lr, cfg.pretrain.clean_epochs) == (60, 3e-3, 2.0)
     assert load_config(None, ["prune.score_training.lr=0.5"]).prune.score_training.epochs == 5
-    assert math.isclose(load_config(None, ["objective.kappa_end=0"]).objective.kappa_start, 1.0)
+    ibp = ["objective.name=ibp"]
+    assert math.isclose(load_config(None, [*ibp, "objective.kappa_end=0"]).objective.settings.kappa_start, 1.0)
     with pytest.raises(UserError, match="objective.kappa_end must be in"):
-        load_config(None, ["objective.kappa_end=2"])
+        load_config(None, [*ibp, "objective.kappa_end=2"])
 
 
-def test_create_drops_other_objectives_settings_and_refuses_unknown_ones():
-    assert create("benign", eps=0.3, steps=5, kappa_end=0.1).name == "benign"
-    assert create("ibp", eps=0.3, steps=5).eps == 0.3
-    with pytest.raises(UserError, match="unknown objective setting"):
+def test_create_refuses_settings_the_objective_does_not_declare():
+    assert create("ibp", eps=0.3, kappa_end=0.1).eps == 0.3
+    with pytest.raises(UserError, match="objective benign has no setting 'steps'"):
+        create("benign", eps=0.3, steps=5)
+    with pytest.raises(UserError, match="objective ibp has no setting 'beta_start'"):
+        create("ibp", eps=0.3, beta_start=0.5)  # β weighs CROWN-IBP against IBP: crown-ibp's alone
+    with pytest.raises(UserError, match="did you mean 'steps'"):
         create("pgd", eps=0.3, stepz=5)

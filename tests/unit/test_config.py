@@ -26,7 +26,7 @@ def test_every_shipped_config_loads(path):
 def test_set_overrides_nested_values_and_fractions():
     cfg = load_config(None, ["threat.eps=8/255", "pretrain.epochs=3", "model.name=mlp", "objective.random_start=false"])
     assert cfg.threat.eps == pytest.approx(8 / 255)
-    assert cfg.pretrain.epochs == 3 and cfg.model.name == "mlp" and cfg.objective.random_start is False
+    assert cfg.pretrain.epochs == 3 and cfg.model.name == "mlp" and cfg.objective.settings.random_start is False
 
 
 def test_yaml_fraction_is_read_exactly(tmp_path):

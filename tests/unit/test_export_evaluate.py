@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from robustprune.config import EvalConfig, ThreatConfig
+from robustprune.config import eval_config, ThreatConfig
 from robustprune.infra.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
@@ -69,7 +69,7 @@ def test_tensors_that_do_not_match_the_architecture(tmp_path):
 
 
 def test_evaluate_counts_and_orders_accuracies(tiny_mlp, tiny_data):
-    metrics = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.3), EvalConfig(pgd_steps=5, pgd_restarts=2,
+    metrics = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.3), eval_config(pgd_steps=5, pgd_restarts=2,
                                                                                    n_samples=20))
     assert metrics["n_eval"] == 20
     assert 0 <= metrics["pgd_acc"] <= metrics["benign_acc"] <= 1
@@ -79,13 +79,13 @@ def test_evaluate_counts_and_orders_accuracies(tiny_mlp, tiny_data):
 
 
 def test_evaluate_is_repeatable(tiny_mlp, tiny_data):
-    cfg = EvalConfig(pgd_steps=3)
+    cfg = eval_config(pgd_steps=3)
     assert evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.1), cfg) == \
         evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.1), cfg)
 
 
 def test_zero_eps_pgd_equals_benign(tiny_mlp, tiny_data):
-    metrics = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.0), EvalConfig(pgd_steps=3))
+    metrics = evaluate(tiny_mlp, tiny_data.test, ThreatConfig(eps=0.0), eval_config(pgd_steps=3))
     assert metrics["pgd_acc"] == metrics["benign_acc"]
 
 

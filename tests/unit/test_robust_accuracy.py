@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from robustprune.config import EvalConfig, ThreatConfig, TrainConfig
+from robustprune.attacks import ATTACKS, Attack
+from robustprune.config import ThreatConfig, TrainConfig, eval_config
 from robustprune.data import Split, load_dataset
 from robustprune.evaluate import attack_plan, evaluate, worst_case
 from robustprune.models import create_model
@@ -32,23 +33,26 @@ class PixelCode(nn.Module):
         return nn.functional.one_hot(code, CLASSES).float()
 
 
-def _fake_attacks(breaks: dict[str, list[int]]):
-    """_run_attack stand-in: attack ``name`` moves the listed sample indices to the next class."""
-    def run(name, model, x, y, eps, threat, cfg, seed):
-        x_adv = x.clone()
-        for i in breaks.get(name, []):
-            x_adv[i, 0, 0, 0] = ((y[i] + 1) % CLASSES) / 10
-        return x_adv
-    return run
+def breaking(indices: list[int], needs_gradients: bool = True) -> type[Attack]:
+    """A stand-in attack class that moves the listed sample indices to the next class."""
+    class Breaks(Attack):
+        gradient_free = not needs_gradients
+
+        def __call__(self, model, x, y, threat, settings, *, seed=0):
+            x_adv = x.clone()
+            for i in indices:
+                x_adv[i, 0, 0, 0] = ((y[i] + 1) % CLASSES) / 10
+            return x_adv
+    return Breaks
 
 
-def test_two_attacks_that_break_different_samples_both_count(monkeypatch):
+def test_two_attacks_that_break_different_samples_both_count():
     y = torch.arange(20) % CLASSES
     x = torch.zeros(20, 1, 2, 2)
     x[:, 0, 0, 0] = y / 10
-    monkeypatch.setattr(evaluation, "_run_attack", _fake_attacks({"pgd": [0, 1], "square": [2, 3, 4]}))
-    cfg = EvalConfig(attacks=("pgd",), pgd_eps_fractions=(), verifiers=(), masking_threshold=0.1)
-    metrics = evaluate(PixelCode(), Split(x, y), ThreatConfig(eps=0.1), cfg)
+    cfg = eval_config(attacks=("pgd",), pgd_eps_fractions=(), verifiers=(), masking_threshold=0.1)
+    with ATTACKS.temporarily("pgd", breaking([0, 1])), ATTACKS.temporarily("square", breaking([2, 3, 4], False)):
+        metrics = evaluate(PixelCode(), Split(x, y), ThreatConfig(eps=0.1), cfg)
     assert metrics["attack_acc"] == {"pgd": 18 / 20, "square": 17 / 20}
     assert metrics["robust_acc"] == 15 / 20 and metrics["n_robust_eval"] == 20
     assert metrics["masking_gap"] == 3 / 20
@@ -71,7 +75,7 @@ def test_worst_case_covers_only_the_samples_every_attack_ran_on():
     (("fgsm", "square"), True, ["fgsm", "square"]),
 ])
 def test_the_square_check_joins_unless_autoattack_or_square_runs(attacks, check, expected):
-    assert list(attack_plan(EvalConfig(attacks=attacks, masking_check=check), 100)) == expected
+    assert list(attack_plan(eval_config(attacks=attacks, masking_check=check), 100)) == expected
 
 
 def test_report_leads_with_robust_accuracy_and_its_retention():
@@ -106,7 +110,7 @@ def honest_digits():
 def test_masking_warning_fires_on_a_masked_model_and_stays_quiet_on_the_honest_one(honest_digits):
     model, test = honest_digits
     # three restarts: with one, Square's 300 queries find 2-4% more on this MLP (a weak attack, not masking)
-    cfg = EvalConfig(pgd_steps=20, pgd_restarts=3, verifiers=(), n_samples=200)
+    cfg = eval_config(pgd_steps=20, pgd_restarts=3, verifiers=(), n_samples=200)
     honest = evaluate(model, test, ThreatConfig(eps=0.2), cfg)
     assert honest["robust_acc"] > 0.3  # a robust model: the check has samples to break
     assert honest["masking_gap"] <= 0.02 and not any("masking" in w for w in honest["warnings"])

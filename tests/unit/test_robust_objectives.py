@@ -2,6 +2,7 @@
 one actually buys robustness on the embedded digits data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -24,13 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ["trades", "mart", "fast"]
 
-# Everything the pipeline hands to ``create``: each objective keeps the subset it declares.
-FULL_SETTINGS = dict(eps=0.1, steps=3, step_size=None, random_start=True, norm="linf", kappa_start=1.0,
-                     kappa_end=0.5, beta_start=1.0, beta_end=0.0, trades_beta=6.0, mart_lambda=5.0, noise_sd=0.25)
+# The radius and norm every objective takes, and 3 attack steps for the objectives that attack (fast tests).
+COMMON = dict(eps=0.1, norm="linf")
 
 
-def settings(**changes) -> dict:
-    return {**FULL_SETTINGS, **changes}
+def settings(name: str, **changes) -> dict:
+    """``create`` keywords for ``name``: the common ones, 3 steps where it declares steps, then ``changes``."""
+    own = {f.name for f in dataclasses.fields(OBJECTIVES.get(name).Settings)}
+    return {**COMMON, **({"steps": 3} if "steps" in own else {}), **changes}
 
 
 @pytest.fixture(scope="module")
@@ -64,33 +66,41 @@ def distances(points: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
 # --- construction -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-def test_registered_and_built_from_the_full_settings(name):
+def test_registered_and_built_from_its_own_settings(name):
     assert name in OBJECTIVES
-    objective = create(name, **settings())
+    objective = create(name, **settings(name))
     assert objective.name == name and objective.eps == 0.1 and objective.norm == "linf"
     described = objective.describe()
     assert json.loads(json.dumps(described)) == described and described["name"] == name
 
 
 def test_settings_reach_the_objectives():
-    trades = create("trades", **settings(trades_beta=2.5, steps=7, step_size=0.02))
-    assert (trades.beta, trades.steps, trades.step_size) == (2.5, 7, 0.02)
+    trades = create("trades", **settings("trades", trades_beta=2.5, steps=7, step_size=0.02))
+    assert (trades.trades_beta, trades.steps, trades.step_size) == (2.5, 7, 0.02)
     assert trades.describe()["trades_beta"] == 2.5
-    mart = create("mart", **settings(mart_lambda=3.0, random_start=False, norm="l2"))
+    mart = create("mart", **settings("mart", mart_lambda=3.0, random_start=False, norm="l2"))
     assert (mart.mart_lambda, mart.random_start, mart.norm) == (3.0, False, "l2")
-    assert create("fast", **settings(step_size=0.2)).step_size == 0.2
+    assert create("fast", **settings("fast", step_size=0.2)).step_size == 0.2
+
+
+@pytest.mark.parametrize("name, foreign", [("trades", "mart_lambda"), ("mart", "trades_beta"), ("fast", "steps")])
+def test_a_setting_of_another_objective_is_refused_with_a_hint(name, foreign):
+    with pytest.raises(UserError, match=f"objective {name} has no setting '{foreign}'"):
+        create(name, **settings(name, **{foreign: 1}))
+    with pytest.raises(UserError, match="did you mean 'steps'"):
+        create("pgd", stepz=3)
 
 
 @pytest.mark.parametrize("name,key", [("trades", "trades_beta"), ("mart", "mart_lambda")])
 def test_negative_weights_are_rejected(name, key):
     with pytest.raises(ValueError, match=key):
-        create(name, **settings(**{key: -1.0}))
+        create(name, **settings(name, **{key: -1.0}))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_norm_is_rejected_at_construction(name):
     with pytest.raises(UserError):
-        create(name, **settings(norm="l3"))
+        create(name, **settings(name, norm="l3"))
 
 
 # --- ε = 0 and the degenerate weights ------------------------------------------------------------------------------
@@ -100,23 +110,23 @@ def test_at_eps_zero_each_is_plain_cross_entropy(name, model, batch):
     x, y = batch
     expected = F.cross_entropy(model(x), y)
     seen = record_inputs(model)
-    loss, logits = create(name, **settings(eps=0.0)).forward(model, x, y)
+    loss, logits = create(name, **settings(name, eps=0.0)).forward(model, x, y)
     assert len(seen) == 1  # no attack pass
     assert torch.equal(loss, expected) and torch.equal(logits, model(x))
-    warming = create(name, **settings(eps=0.3))
+    warming = create(name, **settings(name, eps=0.3))
     warming.set_eps_scale(0.0)  # the start of an ε ramp
     assert torch.equal(warming.loss(model, x, y), expected)
 
 
 def test_trades_with_beta_zero_is_cross_entropy(model, batch):
     x, y = batch
-    assert torch.equal(create("trades", **settings(eps=0.2, trades_beta=0.0)).loss(model, x, y),
+    assert torch.equal(create("trades", **settings("trades", eps=0.2, trades_beta=0.0)).loss(model, x, y),
                        F.cross_entropy(model(x), y))
 
 
 def test_trades_adds_a_nonnegative_kl_and_returns_clean_logits(model, batch):
     x, y = batch
-    loss, logits = create("trades", **settings(eps=0.2)).forward(model, x, y)
+    loss, logits = create("trades", **settings("trades", eps=0.2)).forward(model, x, y)
     assert torch.equal(logits, model(x))
     assert loss > F.cross_entropy(logits, y)
     p = F.softmax(torch.randn(16, 10), dim=1)
@@ -155,7 +165,7 @@ def reference_mart_loss(logits_clean, logits_adv, y, beta):
 @pytest.mark.parametrize("mart_lambda", [0.0, 5.0])
 def test_mart_matches_the_reference_loss_on_its_pgd_point(model, batch, mart_lambda):
     x, y = batch
-    objective = create("mart", **settings(eps=0.2, random_start=False, mart_lambda=mart_lambda))
+    objective = create("mart", **settings("mart", eps=0.2, random_start=False, mart_lambda=mart_lambda))
     loss, logits = objective.forward(model, x, y)
     x_adv = pgd(model.eval(), x, y, 0.2, 3, default_step_size(0.2, 3), random_start=False)
     model.train()
@@ -177,11 +187,11 @@ def test_mart_is_finite_on_confident_logits():
 
 
 def test_fast_step_size_defaults_to_one_and_a_quarter_eps_and_follows_the_warmup():
-    objective = create("fast", **settings(eps=0.2))
+    objective = create("fast", **settings("fast", eps=0.2))
     assert objective.current_step_size == pytest.approx(0.25) and objective.describe()["step_size"] == 0.25
     objective.set_eps_scale(0.5)
     assert objective.current_step_size == pytest.approx(0.125)
-    explicit = create("fast", **settings(eps=0.2, step_size=0.1))
+    explicit = create("fast", **settings("fast", eps=0.2, step_size=0.1))
     explicit.set_eps_scale(0.5)
     assert explicit.current_step_size == pytest.approx(0.05)
 
@@ -203,7 +213,7 @@ def test_the_step_size_is_scaled_with_the_eps_warmup(monkeypatch, model, batch, 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, attribute, spy)
-    objective = create(name, **settings(eps=0.2, step_size=step_size))
+    objective = create(name, **settings(name, eps=0.2, step_size=step_size))
     objective.set_eps_scale(0.5)
     objective.forward(model, *batch)
     default = 1.25 * 0.1 if name == "fast" else default_step_size(0.1, 3)
@@ -218,7 +228,7 @@ def test_every_point_the_model_sees_is_in_the_ball_and_the_domain(name, norm, ep
     x, y = batch
     seen = record_inputs(model)
     torch.manual_seed(0)
-    create(name, **settings(eps=eps, norm=norm)).forward(model, x, y)
+    create(name, **settings(name, eps=eps, norm=norm)).forward(model, x, y)
     assert len(seen) >= 2
     for points, _ in seen:
         assert points.min() >= 0 and points.max() <= 1
@@ -245,7 +255,7 @@ def test_attack_in_eval_mode_and_the_mode_is_restored(name, training, model, bat
     x, y = batch
     model.train(training)
     seen = record_inputs(model)
-    create(name, **settings(eps=0.1)).forward(model, x, y)
+    create(name, **settings(name, eps=0.1)).forward(model, x, y)
     assert model.training is training
     modes = [mode for _, mode in seen]
     outer = 2 if name in ("trades", "mart") else 1  # trades: f(x), f(x'); mart: f(x'), f(x); fast: f(x')
@@ -256,7 +266,7 @@ def test_attack_in_eval_mode_and_the_mode_is_restored(name, training, model, bat
 def test_gradients_reach_every_weight_and_not_the_input(name, model, batch):
     x, y = batch
     x_before = x.clone()
-    loss, logits = create(name, **settings(eps=0.1)).forward(model.train(), x, y)
+    loss, logits = create(name, **settings(name, eps=0.1)).forward(model.train(), x, y)
     assert loss.ndim == 0 and torch.isfinite(loss) and logits.shape == (32, 10)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -272,7 +282,7 @@ def test_each_objective_beats_benign_training_under_pgd(digits):
     def pgd_accuracy(name: str) -> float:
         torch.manual_seed(0)
         net = create_model("mlp", (1, 8, 8), 10)
-        objective = create(name) if name == "benign" else create(name, **settings(eps=eps, steps=3))
+        objective = create(name) if name == "benign" else create(name, **settings(name, eps=eps))
         fit(net, objective, digits.train, TrainConfig(epochs=4, lr=3e-3), batch_size=64, quiet=True,
             generator=torch.Generator().manual_seed(0))
         net.eval()

@@ -213,12 +213,11 @@ def test_lower_confidence_bound_is_one_sided_clopper_pearson():
 # ---- the ``smooth`` objective ----------------------------------------------------------------------------------
 
 
-def test_smooth_objective_is_registered_and_created_from_a_shared_settings_dict():
+def test_smooth_objective_is_registered_and_takes_only_its_own_settings():
     assert "smooth" in OBJECTIVES.names()
-    settings = {"eps": 0.1, "noise_sd": 0.5, "steps": 10, "kappa_end": 0.5, "norm": "linf"}
-    if "trades" in OBJECTIVES.names():
-        settings["trades_beta"] = 6.0
-    objective = create("smooth", **settings)
+    with pytest.raises(UserError, match="objective smooth has no setting 'steps'"):
+        create("smooth", eps=0.1, noise_sd=0.5, steps=10)
+    objective = create("smooth", eps=0.1, noise_sd=0.5, norm="linf")
     assert objective.noise_sd == 0.5 and objective.eps == 0.1
     assert objective.describe() == {"name": "smooth", "eps": 0.1, "noise_sd": 0.5}
     assert create("smooth").noise_sd == 0.25
@@ -271,7 +270,7 @@ def digits_models():
     for name in ("benign", "smooth"):
         torch.manual_seed(0)
         model = create_model("mlp", data.input_shape, data.num_classes, *data.channel_stats())
-        objective = create(name, noise_sd=0.5)
+        objective = create(name, **({"noise_sd": 0.5} if name == "smooth" else {}))
         if name == "smooth":
             objective.generator = seeded(0)
         fit(model, objective, data.train, TrainConfig(epochs=8, optimizer="adam", lr=3e-3, schedule="constant"),

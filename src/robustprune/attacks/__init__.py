@@ -1,19 +1,21 @@
 """Attacks: threat-model geometry (``geometry``) apart from the attack loops (``pgd``: PGD and FGSM; ``autoattack``:
-the pyautoattack adapter; ``square``: the gradient-free Square attack through pyautoattack). Every attack takes
-(model, x, y, eps, norm, ...) and returns points of the ε-ball ∩ [0, 1].
+the pyautoattack adapter; ``square``: the gradient-free Square attack through pyautoattack). The loops are plain
+functions, ``(model, x, y, eps, norm, ...)`` → points of the ε-ball ∩ [0, 1]; evaluation calls every attack through
+one interface (``base.Attack``: ``attack(model, x, y, threat, settings, seed=)``) found in ``ATTACKS``.
 """
-from robustprune.attacks.autoattack import autoattack
+from robustprune.attacks.autoattack import AutoAttackAttack, autoattack
+from robustprune.attacks.base import Attack, AttackSettings, Threat
 from robustprune.attacks.geometry import BALLS, Ball, L2Ball, LinfBall
-from robustprune.attacks.pgd import LOSSES, attack_loss, default_step_size, fgsm, pgd, succeeded
-from robustprune.attacks.square import square
+from robustprune.attacks.pgd import FGSM, LOSSES, PGD, attack_loss, default_step_size, fgsm, pgd, succeeded
+from robustprune.attacks.square import Square, square
 from robustprune.registry import Registry
 
-#: Attacks by name, for ``robustprune list attacks`` and ``evaluate.attacks``.
-ATTACKS: Registry = Registry("attack")
-ATTACKS.register("pgd")(pgd)
-ATTACKS.register("fgsm")(fgsm)
-ATTACKS.register("autoattack")(autoattack)
-ATTACKS.register("square")(square)
+#: Attack classes by name, for ``evaluate.attacks`` and ``robustprune list attacks``: one line per attack.
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS.register("pgd")(PGD)
+ATTACKS.register("fgsm")(FGSM)
+ATTACKS.register("autoattack")(AutoAttackAttack)
+ATTACKS.register("square")(Square)
 
-__all__ = ["ATTACKS", "BALLS", "Ball", "L2Ball", "LOSSES", "LinfBall", "attack_loss", "autoattack",
-           "default_step_size", "fgsm", "pgd", "square", "succeeded"]
+__all__ = ["ATTACKS", "Attack", "AttackSettings", "BALLS", "Ball", "L2Ball", "LOSSES", "LinfBall", "Threat",
+           "attack_loss", "autoattack", "default_step_size", "fgsm", "pgd", "square", "succeeded"]

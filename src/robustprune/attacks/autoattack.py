@@ -10,12 +10,14 @@ attacks: signs of gradient masking) stay on and warn through Python's warnings. 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustprune.attacks.base import Attack, AttackSettings, Threat
 from robustprune.infra.errors import UserError
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -52,3 +54,26 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     with parametrize.cached():  # fixed weights: the masked weights once, not at every pass
         x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=batch_size)
     return x_adv.detach()
+
+
+@dataclass(frozen=True)
+class AutoAttackSettings(AttackSettings):
+    attacks: tuple[str, ...] = ()  # a subset of apgd-ce, apgd-t, fab-t, square, in that order (empty: all, standard)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [a for a in self.attacks if a not in STANDARD]
+        if unknown:
+            raise UserError(f"attacks: unknown AutoAttack attack {unknown[0]!r} (standard ones: {', '.join(STANDARD)})")
+
+
+class AutoAttackAttack(Attack):
+    """``autoattack`` in evaluation: standard AutoAttack (or the ``attacks`` subset). It ends with Square, which needs
+    no gradient, so it is also the gradient-masking check."""
+
+    Settings = AutoAttackSettings
+    gradient_free = True
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
+                 settings: AutoAttackSettings, *, seed: int = 0) -> torch.Tensor:
+        return autoattack(model, x, y, threat.eps, threat.norm, settings.attacks, seed=seed)

@@ -16,11 +16,14 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustprune.attacks.base import Attack, AttackSettings, Threat
 from robustprune.attacks.geometry import BALLS
 from robustprune.infra.errors import UserError
 
@@ -122,3 +125,60 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
     that gradient masking fools first."""
     return pgd(model, x, y, eps, steps=1, step_size=eps, restarts=1, norm=norm, random_start=False, loss=loss,
                target=target)
+
+
+@dataclass(frozen=True)
+class PGDSettings(AttackSettings):
+    steps: int = 50  # 0 switches the attack off
+    restarts: int = 1  # a sample counts as robust only if it survives every restart
+    step_size: float | None = None  # default 2.5 ε / steps
+    loss: str = "ce"  # ce | margin (Carlini-Wagner)
+    eps_fractions: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_loss(self.loss)
+        if self.steps < 0:
+            raise UserError(f"steps must be >= 0 (0 switches the attack off), got {self.steps}")
+        if self.restarts < 1:
+            raise UserError(f"restarts must be >= 1, got {self.restarts}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise UserError(f"step_size must be > 0, got {self.step_size}")
+
+
+@dataclass(frozen=True)
+class FGSMSettings(AttackSettings):
+    loss: str = "ce"  # ce | margin
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_loss(self.loss)
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+class PGD(Attack):
+    """``pgd`` in evaluation: PGD with the threat's radius, ``steps``, ``restarts``, ``step_size`` and ``loss``."""
+
+    Settings = PGDSettings
+
+    def active(self, settings: PGDSettings) -> bool:
+        return settings.steps > 0
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, settings: PGDSettings,
+                 *, seed: int = 0) -> torch.Tensor:
+        return pgd(model, x, y, threat.eps, settings.steps, settings.step_size, settings.restarts, threat.norm,
+                   loss=settings.loss)
+
+
+class FGSM(Attack):
+    """``fgsm`` in evaluation: one signed-gradient step of size ε."""
+
+    Settings = FGSMSettings
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, settings: FGSMSettings,
+                 *, seed: int = 0) -> torch.Tensor:
+        return fgsm(model, x, y, threat.eps, threat.norm, loss=settings.loss)

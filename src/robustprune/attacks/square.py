@@ -12,10 +12,13 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustprune.attacks.base import Attack, AttackSettings, Threat
 from robustprune.infra.errors import UserError
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
@@ -37,3 +40,24 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm:
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad(), \
             parametrize.cached():  # logits only: no graph, the masked weights computed once
         return runner.perturb(x.detach(), y).detach()
+
+
+@dataclass(frozen=True)
+class SquareSettings(AttackSettings):
+    queries: int = 300  # queries per sample (AutoAttack's own Square uses 5,000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.queries < 1:
+            raise UserError(f"queries must be >= 1, got {self.queries}")
+
+
+class Square(Attack):
+    """``square`` in evaluation: the gradient-free check (margin loss, ``queries`` per sample)."""
+
+    Settings = SquareSettings
+    gradient_free = True
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, settings: SquareSettings,
+                 *, seed: int = 0) -> torch.Tensor:
+        return square(model, x, y, threat.eps, threat.norm, settings.queries, seed=seed)

@@ -13,11 +13,11 @@ import types
 import typing
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-from robustprune.config.schema import Config, _check, _show
+from robustprune.config.schema import OBJECTIVE_SECTIONS, Config, EvalConfig, _check, _show, own_settings
 from robustprune.infra.errors import UserError
 
 
@@ -75,15 +75,22 @@ def _to_float(value: Any, key: str) -> float:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a (partial) dict; missing keys keep their defaults."""
+    """Instantiate dataclass ``cls`` from a (partial) dict; missing keys keep their defaults. A section holding
+    settings owned by a registered class (``objective``, ``evaluate``'s attacks) reads itself (``from_mapping``)."""
+    if hasattr(cls, "from_mapping"):
+        return cls.from_mapping(values, prefix, _build_fields)
+    return _build_fields(cls, values, prefix)
+
+
+def _build_fields(cls: type, values: dict[str, Any], prefix: str = "", owner: str | None = None) -> Any:
+    """``cls`` from its own fields; ``owner`` names whose settings they are, for the unknown-key message."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init and hints[f.name] is not Any
+             and typing.get_origin(hints[f.name]) is not typing.get_origin(Mapping)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(names)})"
-            raise UserError(f"unknown config key {_show(prefix + str(key))}{hint}")
+            raise UserError(_unknown_key(prefix, str(key), names, owner))
         kwargs[key] = _convert(_over_field_default(cls, key, value), hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -91,17 +98,27 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise UserError(f"{prefix}{err}") from None
 
 
+def _unknown_key(prefix: str, key: str, names: list[str], owner: str | None) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f"unknown config key {_show(prefix + key)}; did you mean '{prefix}{close[0]}'?"
+    if owner is not None:
+        return (f"{_show(prefix + key)} is not a setting of {owner} (its settings: "
+                f"{', '.join(prefix + n for n in names) or 'none'})")
+    return f"unknown config key {_show(prefix + key)} (known: {', '.join(names)})"
+
+
 def _over_field_default(cls: type, key: str, value: Any) -> Any:
     """A partial dict for a nested section keeps the section's defaults *as this class sets them*.
 
     ``Config.pretrain`` defaults to 60 epochs at lr 3e-3 while a bare ``TrainConfig`` has 10 at 1e-3: setting only
-    ``pretrain.clean_epochs`` must keep the former.
+    ``pretrain.clean_epochs`` must keep the former. Sections that read themselves keep their own defaults.
     """
     field_ = next(f for f in dataclasses.fields(cls) if f.name == key)
     if not isinstance(value, dict) or field_.default_factory is dataclasses.MISSING:
         return value
     default = field_.default_factory()
-    if not dataclasses.is_dataclass(default):
+    if not dataclasses.is_dataclass(default) or hasattr(default, "from_mapping"):
         return value
     return _merge(dataclasses.asdict(default), value)
 
@@ -153,13 +170,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), base: dict[str, Any] | None = None) -> Config:
     """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``--set`` overrides → validated Config."""
     _check(base is None or isinstance(base, dict), f"a checkpoint's stored config must be a mapping, got {_show(base)}")
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = _stored(base or {})
     if path is not None:
         file_values = read_yaml(path)
         file_values.setdefault("name", Path(path).stem)
-        values = _merge(values, file_values)
+        values = _layer(values, file_values)
     for text in overrides:
-        values = _merge(values, parse_override(text))
+        values = _layer(values, parse_override(text))
     _fill_merge_defaults(values)
     return _build(Config, values)
 
@@ -173,4 +190,36 @@ def _fill_merge_defaults(values: dict[str, Any]) -> None:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
-    return _build(Config, values)
+    return _build(Config, _stored(values))
+
+
+def load_stored(path: str | Path) -> Config:
+    """A config robustprune wrote (a run's or a sweep's ``config.yaml``), read as it was stored."""
+    return config_from_dict(read_yaml(path))
+
+
+def _layer(values: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``values``; an update that names another objective drops the settings of the one it
+    replaces that the new one does not declare (pgd's ``steps`` carry over to trades, not to ibp)."""
+    values = dict(values)
+    for key in OBJECTIVE_SECTIONS:
+        old, new = values.get(key), update.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and "name" in new and new["name"] != old.get("name"):
+            values[key] = own_settings(old, new["name"])
+    return _merge(values, update)
+
+
+def _stored(values: dict[str, Any]) -> dict[str, Any]:
+    """A config robustprune wrote (a checkpoint's, config.yaml): before objectives owned their settings every
+    objective section listed every objective's settings; the ones its objective does not declare are dropped."""
+    values = dict(values)
+    for key in OBJECTIVE_SECTIONS:
+        if isinstance(values.get(key), dict) and isinstance(values[key].get("name"), str):
+            values[key] = own_settings(values[key], values[key]["name"])
+    return values
+
+
+def eval_config(**values: Any) -> EvalConfig:
+    """An ``evaluate`` section from keyword values as a config file writes them (``pgd_steps=20``,
+    ``autoattack_n_samples=100``), checked like one."""
+    return _build(EvalConfig, values, "evaluate.")

@@ -6,12 +6,19 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
+from robustprune.attacks import ATTACKS, Threat
+from robustprune.bounds import VERIFIERS
+from robustprune.data import DATASETS
 from robustprune.infra.errors import UserError
+from robustprune.models import MODELS
+from robustprune.objectives import OBJECTIVES
+from robustprune.pruning import PRUNERS, SCOPES
 
 
 def _check(condition: bool, message: str) -> None:
@@ -47,40 +54,70 @@ class ModelConfig:
     name: str = "mlp"  # a registered model (robustprune list models)
 
 
-@dataclass(frozen=True)
-class ThreatConfig:
-    norm: str = "linf"
-    eps: float = 0.2  # in pixel units: inputs live in [0, 1]
-
-    def __post_init__(self) -> None:
-        _check(self.norm in ("linf", "l2"), f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        _check(self.eps >= 0, f"eps must be >= 0, got {self.eps}")
+#: The config's ``threat`` section is the attacks' threat model itself.
+ThreatConfig = Threat
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    """``objective: {name: ..., eps: ..., <that objective's own settings>}``: the settings are the objective class's
+    ``Settings`` dataclass (``robustprune.objectives``), validated by it; ``eps`` (default ``threat.eps``) is common."""
+
     name: str = "pgd"  # a registered objective (robustprune list objectives)
     eps: float | None = None  # training radius; default threat.eps
-    steps: int = 10  # attack steps per training batch (pgd)
-    step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
-    random_start: bool = True
-    kappa_start: float = 1.0  # ibp / crown-ibp: weight of the clean loss at the start of the ε ramp ...
-    kappa_end: float = 0.5  # ... and at its end (Gowal et al. 2018)
-    beta_start: float = 1.0  # crown-ibp: weight of the CROWN-IBP bound against IBP at the start of the ramp ...
-    beta_end: float = 0.0  # ... and at its end (Zhang et al. 2020)
-    trades_beta: float = 6.0  # trades: weight of the KL robustness term (Zhang et al. 2019)
-    mart_lambda: float = 5.0  # mart: weight of the misclassification-aware KL term (Wang et al. 2020)
-    noise_sd: float = 0.25  # smooth: σ of the Gaussian noise added to training inputs (Cohen et al. 2019)
+    settings: Any = None  # the objective's own settings; None: its defaults
 
     def __post_init__(self) -> None:
-        _check(self.trades_beta >= 0, f"trades_beta must be >= 0, got {self.trades_beta}")
-        _check(self.mart_lambda >= 0, f"mart_lambda must be >= 0, got {self.mart_lambda}")
-        _check(self.noise_sd > 0, f"noise_sd must be > 0, got {self.noise_sd}")
+        cls = OBJECTIVES.get(self.name)
         _check(self.eps is None or self.eps >= 0, f"eps must be >= 0, got {self.eps}")
-        for key in ("kappa_start", "kappa_end", "beta_start", "beta_end"):
-            _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _check(self.step_size is None or self.step_size > 0, "step_size must be > 0")
+        if self.settings is None:
+            object.__setattr__(self, "settings", cls.Settings())
+        _check(isinstance(self.settings, cls.Settings),
+               f"settings of objective {self.name} must be {cls.Settings.__name__}, got {type(self.settings).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "eps": self.eps, **dataclasses.asdict(self.settings)}
+
+    def renamed(self, name: str) -> "ObjectiveConfig":
+        """The objective ``name`` with this one's radius and the settings both declare (``steps`` carries from pgd
+        to trades; κ does not carry to pgd); the new objective's defaults for the rest."""
+        return ObjectiveConfig(name, self.eps, shared_settings(self.settings, OBJECTIVES.get(name).Settings))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], prefix: str, build) -> "ObjectiveConfig":
+        """From a config section: ``name`` and ``eps`` here, every other key a setting of the named objective."""
+        name = values.get("name", cls.name)
+        _check(isinstance(name, str), f"{prefix}name must be a string, got {_show(name)}")
+        settings_cls = _registered(OBJECTIVES, name, prefix + "name").Settings
+        common = build(cls, {k: v for k, v in values.items() if k in ("name", "eps")}, prefix)
+        settings = build(settings_cls, {k: v for k, v in values.items() if k not in ("name", "eps")}, prefix,
+                         f"objective {name}")
+        return dataclasses.replace(common, settings=settings)
+
+
+OBJECTIVE_SECTIONS = ("objective", "finetune_objective")
+
+
+def own_settings(section: dict[str, Any], name: str) -> dict[str, Any]:
+    """The keys of an objective section that ``name`` takes (``name``, ``eps`` and its declared settings); all of
+    them for a name that is not registered (the error comes when the section is read)."""
+    if name not in OBJECTIVES:
+        return dict(section)
+    names = {"name", "eps"} | {f.name for f in dataclasses.fields(OBJECTIVES.get(name).Settings)}
+    return {k: v for k, v in section.items() if k in names}
+
+
+def shared_settings(settings: Any, target: type) -> Any:
+    """``target`` settings taking every value of ``settings`` whose field ``target`` also declares."""
+    names = {f.name for f in dataclasses.fields(target)}
+    return target(**{k: v for k, v in dataclasses.asdict(settings).items() if k in names})
+
+
+def _registered(registry, name: str, key: str) -> Any:
+    """``registry.get(name)``, its "did you mean" message qualified by the config key."""
+    if name not in registry:
+        raise UserError(f"{key}: {registry.unknown_message(name)}")
+    return registry.get(name)
 
 
 @dataclass(frozen=True)
@@ -128,8 +165,8 @@ class PruneConfig:
     rate_penalty: float = 1.0  # harp: weight of max(0, kept fraction · compression - 1) in the score-phase loss
 
     def __post_init__(self) -> None:
-        scopes = ("layer", "global", "erk")
-        _check(self.scope in scopes, f"scope must be one of {', '.join(scopes)}, got {self.scope!r}")
+        _registered(PRUNERS, self.rule, "rule")
+        _check(self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         _check(0 <= self.min_density <= 1, f"min_density must lie in [0, 1], got {self.min_density}")
         _check(self.schedule in ("oneshot", "iterative"), f"schedule must be 'oneshot' or 'iterative', got {self.schedule!r}")
         _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
@@ -161,17 +198,13 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    pgd_steps: int = 50
-    pgd_restarts: int = 1  # a sample counts as robust only if it survives every restart
-    pgd_step_size: float | None = None  # default 2.5 * eps / steps
+    """The ``evaluate`` section. Each attack's settings are its class's ``Settings`` (``robustprune.attacks``), given
+    as ``<attack>_<setting>`` keys (``pgd_steps``, ``autoattack_n_samples``, ``square_queries``)."""
+
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
     verifiers: tuple[str, ...] = ("ibp", "crown")  # sound verifiers (robustprune list verifiers); () for none
     verify_n_samples: int | None = None  # verify only the first n evaluated samples (full CROWN on big models)
     attacks: tuple[str, ...] = ("pgd",)  # robustprune list attacks: pgd, fgsm, autoattack, square
-    pgd_loss: str = "ce"  # ce | margin (Carlini-Wagner), for pgd and fgsm
-    pgd_eps_fractions: tuple[float, ...] = (0.5,)  # PGD also at these fractions of ε: accuracy must not rise with ε
-    autoattack_attacks: tuple[str, ...] = ()  # subset of apgd-ce, apgd-t, fab-t, square (empty: all, standard)
-    autoattack_n_samples: int | None = None  # AutoAttack on the first n evaluated samples only (CPU budgets)
     smoothing_sigma: float | None = None  # randomized-smoothing certificate with this σ (None: off)
     smoothing_n0: int = 100  # selection samples (Cohen et al.)
     smoothing_n: int = 1000  # estimation samples
@@ -179,32 +212,58 @@ class EvalConfig:
     smoothing_n_samples: int | None = 100  # certify the first n evaluated samples
     smoothing_radii: tuple[float, ...] = (0.25, 0.5)  # L2 radii of the reported certified accuracies
     split: str = "test"  # test | val: report on the test images, or on data.val_fraction held out of training
-    masking_check: bool = True  # Square (gradient-free) after the gradient attacks, unless AutoAttack runs
-    square_queries: int = 300  # queries per sample of that check (AutoAttack's own Square uses 5,000)
-    square_n_samples: int | None = None  # the check on the first n evaluated samples only (None: all)
+    masking_check: bool = True  # Square (gradient-free) after the gradient attacks, unless a gradient-free one runs
     masking_threshold: float = 0.02  # warn when Square breaks more than this fraction the gradient attacks left
+    attack_settings: Mapping[str, Any] = field(default_factory=dict)  # attack name → its Settings (defaults filled)
 
     def __post_init__(self) -> None:
+        for attack in self.attacks:
+            _registered(ATTACKS, attack, "attacks")
+        for method in self.verifiers:
+            _registered(VERIFIERS, method, "verifiers")
         _check(len(set(self.attacks)) == len(self.attacks), "attacks must not repeat a name")
-        _check(self.pgd_loss in ("ce", "margin"), f"pgd_loss must be ce or margin, got {self.pgd_loss!r}")
-        _check(all(0 < f < 1 for f in self.pgd_eps_fractions), "pgd_eps_fractions must lie in (0, 1)")
-        _check(self.autoattack_n_samples is None or self.autoattack_n_samples >= 1,
-               "autoattack_n_samples must be >= 1")
+        _check(len(set(self.verifiers)) == len(self.verifiers), "verifiers must not repeat a name")
         _check(self.smoothing_sigma is None or self.smoothing_sigma > 0, "smoothing_sigma must be > 0")
         _check(self.smoothing_n0 >= 1 and self.smoothing_n >= 1, "smoothing_n0 and smoothing_n must be >= 1")
         _check(0 < self.smoothing_alpha < 1, "smoothing_alpha must lie in (0, 1)")
         _check(self.smoothing_n_samples is None or self.smoothing_n_samples >= 1, "smoothing_n_samples must be >= 1")
         _check(all(r >= 0 for r in self.smoothing_radii), "smoothing_radii must be >= 0")
         _check(self.split in ("test", "val"), f"split must be test or val, got {self.split!r}")
-        _check(self.square_queries >= 1, "square_queries must be >= 1")
-        _check(self.square_n_samples is None or self.square_n_samples >= 1, "square_n_samples must be >= 1")
         _check(0 <= self.masking_threshold < 1, "masking_threshold must lie in [0, 1)")
-        _check(self.pgd_steps >= 0, "pgd_steps must be >= 0 (0 disables the attack)")
-        _check(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
-        _check(self.pgd_step_size is None or self.pgd_step_size > 0, "pgd_step_size must be > 0")
         _check(self.n_samples is None or self.n_samples >= 1, "n_samples must be >= 1")
         _check(self.verify_n_samples is None or self.verify_n_samples >= 1, "verify_n_samples must be >= 1")
-        _check(len(set(self.verifiers)) == len(self.verifiers), "verifiers must not repeat a name")
+        filled = {name: self.attack_settings.get(name) or ATTACKS.get(name).Settings() for name in ATTACKS.names()}
+        object.__setattr__(self, "attack_settings", filled)
+
+    def settings(self, attack: str) -> Any:
+        """The settings of ``attack`` (its defaults for an attack registered after this config was built)."""
+        return self.attack_settings.get(attack) or ATTACKS.get(attack).Settings()
+
+    def to_dict(self) -> dict[str, Any]:
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "attack_settings"}
+        for name, settings in self.attack_settings.items():
+            own.update({f"{name}_{k}": v for k, v in dataclasses.asdict(settings).items()})
+        return own
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], prefix: str, build) -> "EvalConfig":
+        """From a config section: the general keys here, ``<attack>_<setting>`` keys to that attack's settings."""
+        general = {f.name for f in dataclasses.fields(cls)} - {"attack_settings"}
+        per_attack: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            if key in general:
+                continue
+            attack = next((a for a in sorted(ATTACKS.names(), key=len, reverse=True)
+                           if str(key).startswith(a + "_")), None)
+            if attack is None:
+                known = sorted(general | set(cls().to_dict()))
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (known: {', '.join(known)})"
+                raise UserError(f"unknown config key {_show(prefix + str(key))}{hint}")
+            per_attack.setdefault(attack, {})[key[len(attack) + 1:]] = value
+        settings = {a: build(ATTACKS.get(a).Settings, v, f"{prefix}{a}_", f"attack {a}") for a, v in per_attack.items()}
+        own = build(cls, {k: v for k, v in values.items() if k in general}, prefix)
+        return dataclasses.replace(own, attack_settings={**own.attack_settings, **settings})
 
 
 @dataclass(frozen=True)
@@ -234,11 +293,20 @@ class Config:
         _check(self.threads is None or 1 <= self.threads <= 4096, f"threads must be 1..4096, got {self.threads}")
         _check(self.precision in ("fp32", "bf16", "fp16"),
                f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _registered(DATASETS, self.data.name, "data.name")
+        _registered(MODELS, self.model.name, "model.name")
         _check(self.evaluate.split == "test" or self.data.val_fraction > 0,
                "evaluate.split: val needs data.val_fraction > 0 (the images held out of training)")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return _plain({f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+def _section_dict(value: Any) -> Any:
+    """A section as plain values: its own ``to_dict`` (sections that hold registry-owned settings) or its fields."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _plain(value: Any) -> Any:

@@ -12,8 +12,8 @@ from robustprune.objectives.base import OBJECTIVES, Objective
 class Benign(Objective):
     name = "benign"
 
-    def __init__(self) -> None:
-        super().__init__(eps=0.0)
+    def __init__(self, eps: float = 0.0, norm: str = "linf", settings: object = None) -> None:
+        super().__init__(0.0, norm, settings)  # clean inputs: the radius is 0 whatever the threat
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)

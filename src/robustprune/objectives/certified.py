@@ -12,6 +12,9 @@ epochs before it are per-stage settings (``eps_warmup_epochs``, ``clean_epochs``
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,26 +33,33 @@ def worst_case_logits(margin_lower: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return logits.masked_scatter(classes != y.unsqueeze(1), -margin_lower)
 
 
+@dataclass(frozen=True)
+class IBPSettings:
+    kappa_start: float = 1.0  # weight of the clean loss at the start of the ε ramp ...
+    kappa_end: float = 0.5  # ... and at its end (Gowal et al. 2018)
+
+    def __post_init__(self) -> None:
+        for key, value in dataclasses.asdict(self).items():
+            if not 0 <= value <= 1:
+                raise UserError(f"{key} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class CrownIBPSettings(IBPSettings):
+    beta_start: float = 1.0  # weight of the CROWN-IBP bound against IBP at the start of the ramp ...
+    beta_end: float = 0.0  # ... and at its end (Zhang et al. 2020)
+
+
 @OBJECTIVES.register("ibp")
 class IBPTraining(Objective):
     name = "ibp"
-    bound_method = "ibp"
-
-    def __init__(self, eps: float, kappa_start: float = 1.0, kappa_end: float = 0.5, beta_start: float = 1.0,
-                 beta_end: float = 0.0, norm: str = "linf") -> None:
-        super().__init__(eps=eps)
-        if norm != "linf":
-            raise UserError(f"objective {self.name} bounds the L∞ ball only; threat.norm is {norm!r}")
-        self.kappa_start, self.kappa_end = float(kappa_start), float(kappa_end)
-        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+    Settings = IBPSettings
+    certified = True
+    norms = ("linf",)  # the bounds' input set is the L∞ ball
 
     @property
     def kappa(self) -> float:
         return interpolate(self.kappa_start, self.kappa_end, self.eps_scale)
-
-    @property
-    def beta(self) -> float:
-        return interpolate(self.beta_start, self.beta_end, self.eps_scale)
 
     def margin_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return margin_lower_bounds(model, x, y, self.current_eps, "ibp")
@@ -70,6 +80,11 @@ class IBPTraining(Objective):
 @OBJECTIVES.register("crown-ibp")
 class CrownIBPTraining(IBPTraining):
     name = "crown-ibp"
+    Settings = CrownIBPSettings
+
+    @property
+    def beta(self) -> float:
+        return interpolate(self.beta_start, self.beta_end, self.eps_scale)
 
     def margin_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         beta = self.beta

@@ -17,11 +17,14 @@ pass). Logits returned: those of x' (the points trained on), as in ``pgd``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustprune.attacks.geometry import BALLS
+from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
 
 DEFAULT_ALPHA = 1.25  # α = 1.25 ε (Wong et al., 2020)
@@ -39,15 +42,19 @@ def fgsm_random_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     return ball.project(ball.step(x_adv.detach(), grad, step_size), x, eps).detach()
 
 
+@dataclass(frozen=True)
+class FastSettings:
+    step_size: float | None = None  # α; default 1.25 · ε (Wong et al. 2020)
+
+    def __post_init__(self) -> None:
+        if self.step_size is not None and not self.step_size > 0:
+            raise UserError(f"step_size must be > 0, got {self.step_size}")
+
+
 @OBJECTIVES.register("fast")
 class FastTraining(Objective):
     name = "fast"
-
-    def __init__(self, eps: float, step_size: float | None = None, norm: str = "linf") -> None:
-        super().__init__(eps=eps)
-        BALLS.get(norm)  # an unknown norm fails here, not in the first batch
-        self.step_size = step_size
-        self.norm = norm
+    Settings = FastSettings
 
     @property
     def current_step_size(self) -> float:

@@ -23,13 +23,15 @@ points trained on).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES
-from robustprune.objectives.pgd import PGDTraining
+from robustprune.objectives.pgd import PGDSettings, PGDTraining
 
 
 def boosted_cross_entropy(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,18 +50,23 @@ def mart_regulariser(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: to
     return (kl * (1.0000001 - true)).mean()
 
 
+@dataclass(frozen=True)
+class MARTSettings(PGDSettings):
+    mart_lambda: float = 5.0  # weight of the misclassification-aware KL term (Wang et al. 2020)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mart_lambda >= 0:
+            raise UserError(f"mart_lambda must be >= 0, got {self.mart_lambda}")
+
+
 @OBJECTIVES.register("mart")
 class MARTTraining(PGDTraining):
     """PGD training's attack, MART's loss on it."""
 
     name = "mart"
 
-    def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 norm: str = "linf", mart_lambda: float = 5.0) -> None:
-        super().__init__(eps, steps, step_size, random_start, norm)
-        if mart_lambda < 0:
-            raise UserError(f"mart_lambda must be >= 0, got {mart_lambda}")
-        self.mart_lambda = float(mart_lambda)
+    Settings = MARTSettings
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.current_eps <= 0:

@@ -5,27 +5,34 @@ asks autograd for the input gradient; the update step then runs in training mode
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.geometry import BALLS
 from robustprune.attacks.pgd import default_step_size, pgd
+from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective, eval_mode
+
+
+@dataclass(frozen=True)
+class PGDSettings:
+    steps: int = 10  # attack steps per training batch
+    step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise UserError(f"step_size must be > 0, got {self.step_size}")
 
 
 @OBJECTIVES.register("pgd")
 class PGDTraining(Objective):
     name = "pgd"
-
-    def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 norm: str = "linf") -> None:
-        super().__init__(eps=eps)
-        BALLS.get(norm)  # an unknown norm fails here, not in the first batch
-        self.steps = int(steps)
-        self.step_size = step_size
-        self.random_start = bool(random_start)
-        self.norm = norm
+    Settings = PGDSettings
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD points at the current ε (x itself at ε = 0), computed in eval mode."""

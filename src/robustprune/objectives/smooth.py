@@ -11,6 +11,8 @@ objective contract (it is unused). Set ``generator`` on the object to draw the n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,15 +21,22 @@ from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
 
 
+@dataclass(frozen=True)
+class SmoothSettings:
+    noise_sd: float = 0.25  # σ of the Gaussian noise added to training inputs (Cohen et al. 2019)
+
+    def __post_init__(self) -> None:
+        if not self.noise_sd > 0:
+            raise UserError(f"noise_sd must be > 0, got {self.noise_sd}")
+
+
 @OBJECTIVES.register("smooth")
 class SmoothTraining(Objective):
     name = "smooth"
+    Settings = SmoothSettings
 
-    def __init__(self, eps: float = 0.0, noise_sd: float = 0.25) -> None:
-        super().__init__(eps=eps)
-        if not noise_sd > 0:
-            raise UserError(f"objective smooth needs noise_sd > 0, got {noise_sd}")
-        self.noise_sd = float(noise_sd)
+    def __init__(self, eps: float = 0.0, norm: str = "linf", settings: SmoothSettings | None = None) -> None:
+        super().__init__(eps, norm, settings)
         self.generator: torch.Generator | None = None  # source of the noise; None = torch's global generator
 
     def noisy(self, x: torch.Tensor) -> torch.Tensor:

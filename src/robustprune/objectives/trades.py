@@ -22,6 +22,8 @@ clean logits f(x) (what the CE term and train accuracy are about).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,24 +58,29 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, steps: int, 
     return x_adv.detach()
 
 
+@dataclass(frozen=True)
+class TradesSettings:
+    steps: int = 10  # attack steps on the KL term per training batch
+    step_size: float | None = None  # default 2.5 * eps / steps
+    trades_beta: float = 6.0  # weight of the KL robustness term (Zhang et al. 2019)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise UserError(f"step_size must be > 0, got {self.step_size}")
+        if not self.trades_beta >= 0:
+            raise UserError(f"trades_beta must be >= 0, got {self.trades_beta}")
+
+
 @OBJECTIVES.register("trades")
 class TradesTraining(Objective):
     name = "trades"
-
-    def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, norm: str = "linf",
-                 trades_beta: float = 6.0) -> None:
-        super().__init__(eps=eps)
-        if trades_beta < 0:
-            raise UserError(f"trades_beta must be >= 0, got {trades_beta}")
-        BALLS.get(norm)  # an unknown norm fails here, not in the first batch
-        self.steps = int(steps)
-        self.step_size = step_size
-        self.norm = norm
-        self.beta = float(trades_beta)
+    Settings = TradesSettings
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.current_eps
-        if eps <= 0 or self.beta == 0:
+        if eps <= 0 or self.trades_beta == 0:
             logits = model(x)
             return F.cross_entropy(logits, y), logits
         step = self.scaled_step(self.step_size, default_step_size(eps, self.steps))
@@ -81,8 +88,8 @@ class TradesTraining(Objective):
             x_adv = trades_adversary(model, x, eps, self.steps, step, self.norm)
         logits = model(x)
         robust = kl_batchmean(model(x_adv), F.softmax(logits, dim=1))
-        return F.cross_entropy(logits, y) + self.beta * robust, logits
+        return F.cross_entropy(logits, y) + self.trades_beta * robust, logits
 
     def describe(self) -> dict:
         return {"name": self.name, "eps": self.eps, "steps": self.steps, "norm": self.norm,
-                "step_size": self.step_size or default_step_size(self.eps, self.steps), "trades_beta": self.beta}
+                "step_size": self.step_size or default_step_size(self.eps, self.steps), "trades_beta": self.trades_beta}

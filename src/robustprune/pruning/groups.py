@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -132,6 +132,21 @@ def _param_slices(module: nn.Module, name: str, consumer: bool, index: torch.Ten
             raise NotImplementedError(f"structured pruning needs affine BatchNorm; {name!r} has no γ/β")
         return [ChannelSlice(prefix + param, 0, index, root, NORM) for param in ("weight", "bias")]
     raise NotImplementedError(f"structured pruning does not support {type(module).__name__} ({name!r})")
+
+
+def channel_mass(group: ChannelGroup, params: dict[str, torch.Tensor], roles: Sequence[str]) -> torch.Tensor:
+    """Per channel of ``group``: the summed |entries| of its slices with a role in ``roles`` (float64, on the CPU).
+
+    Filter-L1 ranks channels by it (producer rows); ``slim`` finds all-zero channels with it.
+    """
+    mass = torch.zeros(group.channels, dtype=torch.float64)
+    with torch.no_grad():
+        for s in group.slices:
+            if s.role in roles:
+                param = params[s.path].detach()
+                values = param.index_select(s.dim, s.index.to(param.device)).movedim(s.dim, 0)
+                mass.index_add_(0, s.root, values.abs().reshape(len(s.index), -1).sum(1).double().cpu())
+    return mass
 
 
 def _weights_per_channel(slices: list[ChannelSlice], names: dict[nn.Module, str], channels: int) -> int:

@@ -38,8 +38,7 @@ from torch.nn.utils import parametrize
 
 from robustprune.infra.errors import UserError
 from robustprune.pruning.masks import apply_masks, get_mask, prunable_layers
-
-SCOPES = ("layer", "global")
+from robustprune.pruning.plan import RANKED_SCOPES
 
 # (tensor, data_ptr, _version): the tensor itself is kept so its memory cannot be reused by another tensor while the
 # key is alive (a bare pointer could match a different tensor after the first is freed).
@@ -209,8 +208,8 @@ def _chosen_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, 
 def _check_args(model: nn.Module, compression: float, scope: str) -> None:
     if not compression >= 1:
         raise UserError(f"compression must be >= 1, got {compression}")
-    if scope not in SCOPES:
-        raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(SCOPES)})")
+    if scope not in RANKED_SCOPES:  # ERK's per-layer counts are set by the caller (attach_learned_scores)
+        raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(RANKED_SCOPES)})")
     if score_masks(model):
         raise ValueError("HYDRA scores are already attached; call finalize_scores first")
 

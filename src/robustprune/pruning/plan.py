@@ -209,3 +209,10 @@ def select_erk(scores: dict[str, torch.Tensor], compression: float, dense: set[s
 
 
 SELECTORS = {"layer": select_layerwise, "global": select_global, "erk": select_erk}
+
+#: Every scope name, in the selector table's order: the one list config and the command line offer.
+SCOPES: tuple[str, ...] = tuple(SELECTORS)
+
+#: The scopes that are a plain ranking — within each layer, or one across all layers. ERK also allots each layer a
+#: count from its weight shape, which only single weights can follow: channel rules and HYDRA's top-k take these.
+RANKED_SCOPES: tuple[str, ...] = ("layer", "global")

@@ -1,18 +1,20 @@
-"""Structured pruning: remove whole output channels (filters) by their L1 norm, then cut them out physically.
+"""Structured pruning: remove whole output channels (filters) by the rule's channel importance, then cut them out.
 
-H. Li, A. Kadav, I. Durdanovic, H. Samet, H. P. Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017 — the
-"filter-l1" rule of the seed paper: a channel's importance is the L1 norm of the weights that produce it.
+The importance is a :class:`~robustprune.pruning.importance.ChannelImportance`; by default "filter-l1", the seed
+paper's rule (H. Li, A. Kadav, I. Durdanovic, H. Samet, H. P. Graf, "Pruning Filters for Efficient ConvNets",
+ICLR 2017): a channel's importance is the L1 norm of the weights that produce it.
 
 Three steps, kept apart as in Torch-Pruning (what | how many where | how to cut):
 
 - :func:`channel_groups` — Torch-Pruning's ``DependencyGraph`` couples every output channel of a Conv2d / Linear with
   everything that must go with it: the other producers of the same tensor (residual additions), BatchNorm entries,
   and the next layers' input columns (through Flatten: H·W consecutive Linear inputs per channel).
-- :func:`channel_masks` — picks the lowest-importance channels per group (scope ``"layer"``) or over all groups
-  (scope ``"global"``) so that the masked model reaches a requested compression, and returns 0/1 masks for every
-  parameter slice a removal touches (producer rows and biases, BatchNorm γ/β, consumer columns). Applied with
-  :func:`robustprune.pruning.masks.apply_masks`, a removed channel is exactly 0 after its BatchNorm (γ = β = 0), so
-  the masked model already computes what the slim model computes, and trains/attacks/verifies as an ordinary module.
+- :func:`channel_masks` — has the rule score each group's channels, picks the lowest per group (scope ``"layer"``)
+  or over all groups (scope ``"global"``) so that the masked model reaches a requested compression, and returns 0/1
+  masks for every parameter slice a removal touches (producer rows and biases, BatchNorm γ/β, consumer columns).
+  Applied with :func:`robustprune.pruning.masks.apply_masks`, a removed channel is exactly 0 after its BatchNorm
+  (γ = β = 0), so the masked model already computes what the slim model computes, and trains/attacks/verifies as an
+  ordinary module.
 - :func:`slim` — bakes the masks in and physically removes every channel that is zero in its whole group, with
   Torch-Pruning's pruning functions: a smaller ordinary model with the same outputs.
 
@@ -31,14 +33,13 @@ from torch import nn
 
 from robustprune.infra.errors import UserError
 from robustprune.pruning.groups import (
-    BIAS, INPUT, NORM, WEIGHT, ChannelGroup, all_groups, baked_copy, channel_groups, dependency_graph, describe,
-    example_batch, resolve_ignored,
+    BIAS, INPUT, NORM, WEIGHT, ChannelGroup, all_groups, baked_copy, channel_groups, channel_mass, dependency_graph,
+    describe, example_batch, resolve_ignored,
 )
+from robustprune.pruning.importance import ChannelImportance, FilterL1
 from robustprune.pruning.masks import PRUNABLE_TYPES, masks
 
-SCOPES = ("layer", "global")
-
-__all__ = ["SCOPES", "ChannelGroup", "channel_groups", "channel_masks", "count_macs_params", "slim"]
+__all__ = ["ChannelGroup", "channel_groups", "channel_masks", "count_macs_params", "slim"]
 
 
 def channel_masks(
@@ -49,13 +50,13 @@ def channel_masks(
     ignored_layers: Iterable[nn.Module | str] = (),
     min_density: float = 0.0,
     channel_fraction: float | None = None,
+    importance: ChannelImportance | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Filter-L1 structured masks reaching ``compression`` (prunable / nonzero Conv+Linear weights) of ``model``.
+    """Structured masks reaching ``compression`` (prunable / nonzero Conv+Linear weights) of ``model``.
 
-    A channel's importance is the L1 norm of its output weights (rows of every Conv/Linear producing it, summed over
-    the producers a residual addition couples; biases, BatchNorm and the consumers' columns do not count) — Li et al.
-    2017. Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` is not used because it also adds the consumers' input
-    columns. Already-zero weights count as zero, so pruning a pruned model only removes more.
+    Channels are ranked by ``importance.channel_scores`` (default :class:`FilterL1`: the L1 norm of a channel's
+    output weights, Li et al. 2017), which sees the parameters with masks baked in: already-zero weights count as
+    zero, so pruning a pruned model only removes more. The scope must be one of ``importance.scopes``.
 
     Scope ``"layer"`` removes the same fraction of channels from every group (rounded down per group); ``"global"``
     ranks all channels by importance divided by their group's mean importance (so layers of different widths and
@@ -70,7 +71,8 @@ def channel_masks(
     largest reachable compression. Returns masks by parameter path for every touched parameter (multiplied by the
     parameter's existing mask), ready for :func:`~robustprune.pruning.masks.apply_masks`; the model is unchanged.
     """
-    _check_request(compression, channel_fraction, scope, min_density)
+    importance = FilterL1() if importance is None else importance
+    _check_request(compression, channel_fraction, scope, min_density, importance.scopes)
     ignored_layers = tuple(ignored_layers)
     baked = baked_copy(model)
     graph = dependency_graph(baked, example_batch(model, example_input))
@@ -78,10 +80,10 @@ def channel_masks(
     ignored = resolve_ignored(model, baked, ignored_layers)
     groups = [g for g in (describe(group, graph, names, ignored) for group in all_groups(graph)) if not g.frozen]
     params = dict(baked.named_parameters())
-    importance = [channel_mass(g, params, (WEIGHT,)) for g in groups]
+    scores = [_channel_scores(importance, g, params) for g in groups]
     cap = [g.channels - max(1, math.ceil(min_density * g.channels - 1e-9)) for g in groups]
-    orders = [torch.argsort(imp, stable=True)[:c] for imp, c in zip(importance, cap)]
-    schedule = _LayerSchedule(groups, orders) if scope == "layer" else _GlobalSchedule(groups, importance, orders)
+    orders = [torch.argsort(imp, stable=True)[:c] for imp, c in zip(scores, cap)]
+    schedule = _LayerSchedule(groups, orders) if scope == "layer" else _GlobalSchedule(groups, scores, orders)
     if channel_fraction is not None:
         step = schedule.step_for_fraction(channel_fraction)
     else:
@@ -90,29 +92,29 @@ def channel_masks(
     return _masks_for(groups, schedule.select(step), params, masks(model))
 
 
-def _check_request(compression: float | None, channel_fraction: float | None, scope: str, min_density: float) -> None:
+def _check_request(compression: float | None, channel_fraction: float | None, scope: str, min_density: float,
+                   scopes: Sequence[str]) -> None:
     if (compression is None) == (channel_fraction is None):
         raise UserError("give exactly one of compression and channel_fraction")
     if compression is not None and not compression >= 1:
         raise UserError(f"compression must be >= 1, got {compression}")
     if channel_fraction is not None and not 0 <= channel_fraction < 1:
         raise UserError(f"channel_fraction must be in [0, 1), got {channel_fraction}")
-    if scope not in SCOPES:
-        raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(SCOPES)})")
+    if scope not in scopes:
+        raise UserError(f"unknown scope {scope!r} (choose from: {', '.join(scopes)})")
     if not 0 <= min_density <= 1:
         raise UserError(f"min_density must be in [0, 1], got {min_density}")
 
 
-def channel_mass(group: ChannelGroup, params: dict[str, torch.Tensor], roles: Sequence[str]) -> torch.Tensor:
-    """Per channel of ``group``: the summed |entries| of its slices with a role in ``roles``."""
-    mass = torch.zeros(group.channels, dtype=torch.float64)
+def _channel_scores(importance: ChannelImportance, group: ChannelGroup,
+                    params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rule's scores for ``group``'s channels as float64 on the CPU, where the schedules rank them."""
     with torch.no_grad():
-        for s in group.slices:
-            if s.role in roles:
-                param = params[s.path].detach()
-                values = param.index_select(s.dim, s.index.to(param.device)).movedim(s.dim, 0)
-                mass.index_add_(0, s.root, values.abs().reshape(len(s.index), -1).sum(1).double().cpu())
-    return mass
+        scores = importance.channel_scores(group, params).detach().to("cpu", torch.float64)
+    if scores.shape != (group.channels,):
+        raise ValueError(f"rule {importance.name} scored {tuple(scores.shape)} for the {group.channels} channels of "
+                         f"{group.name!r}")
+    return scores
 
 
 Selection = list[torch.Tensor]  # per group, a bool tensor: True = channel removed
