@@ -19,6 +19,7 @@ from robustprune.infra.allocator import keep_freed_memory
 from robustprune.infra.errors import TrainingDiverged, UserError, one_line
 from robustprune.infra.version import __version__
 from robustprune.pruning import SCOPES
+from robustprune.train import FitOptions
 
 LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
 
@@ -46,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robustprune", description="Compress networks, keep their robustness.")
     parser.add_argument("--version", action="version", version=f"robustprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_pipeline_commands(sub)
+    _add_file_commands(sub)
+    return parser
 
+
+def _add_pipeline_commands(sub) -> None:
+    """run, the stage commands and sweep: the commands that train or evaluate."""
     p = sub.add_parser("run", help="the whole pipeline: pre-train, prune, fine-tune, evaluate, report")
     _add_config_args(p)
     _add_out_args(p, "run folder")
@@ -89,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default: sweeps/<config name>); run again to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_file_commands(sub) -> None:
+    """report, export, inspect, import, download and list: the commands that read or write files only."""
     p = sub.add_parser("report", help="re-render the plots and markdown of a run or sweep folder")
     p.add_argument("folder")
 
@@ -118,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("kind", choices=LIST_KINDS)
-    return parser
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -192,7 +201,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         pipeline, data, generator, device = _stage_setup(cfg)
         model = pipeline.new_model(cfg, data).to(device)
         history = pipeline.pretrain(model, cfg, data, pipeline.build_objective(cfg.objective, cfg.threat),
-                                    generator=generator, quiet=args.quiet)
+                                    FitOptions(generator=generator, quiet=args.quiet))
         save(model, out, stage="pretrained", config=cfg.to_dict(), history=history)
     print(f"pre-trained model: {out}")
 
@@ -213,7 +222,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         pipeline, data, generator, device = _stage_setup(cfg)  # data: HYDRA scores and iterative rounds train
         model = load(args.checkpoint, device)
         objective = pipeline.build_objective(cfg.objective, cfg.threat)
-        plan = pipeline.prune_model(model, cfg, data, objective, generator=generator, quiet=args.quiet)
+        plan = pipeline.prune_model(model, cfg, data, objective, FitOptions(generator=generator, quiet=args.quiet))
         save(model, out, stage="pruned", config=cfg.to_dict(), plan=plan.summary())
     s = sparsity_report(model)
     print(f"pruned model ({s['params_nonzero']}/{s['params_prunable']} weights kept, "
@@ -231,7 +240,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         model = load(args.checkpoint, device)
         objective_cfg = cfg.finetune_objective or cfg.objective
         history = pipeline.finetune(model, cfg, data, pipeline.build_objective(objective_cfg, cfg.threat),
-                                    generator=generator, quiet=args.quiet)
+                                    FitOptions(generator=generator, quiet=args.quiet))
         save(model, out, stage="finetuned", config=cfg.to_dict(), plan=meta.get("plan"), history=history)
     print(f"fine-tuned model: {out}")
 

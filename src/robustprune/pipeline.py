@@ -1,14 +1,18 @@
-"""The three steps — pre-train, prune, fine-tune — with evaluation after each, checkpoints and the report.
+"""One run as a table of stages — pre-train, prune, fine-tune — with an evaluation and a checkpoint after each,
+then the compressed exports and the report.
 
-Each step is also a function of its own (``pretrain``, ``prune_model``, ``finetune``) so the CLI's stage commands
-run exactly the code the pipeline runs.
+Each stage is also a function of its own (``pretrain``, ``prune_model``, ``finetune``, ``measure``), so the CLI's
+stage commands and the sweep's points run exactly the code a run runs. ``run`` checks everything it can before it
+writes anything, builds the model and the objectives once, and hands them from stage to stage (``Run``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,15 +20,17 @@ import torch
 import yaml
 from torch import nn
 
-from robustprune.infra import distributed, outdir
-from robustprune.infra.version import __version__
 from robustprune.bounds import build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_stored
 from robustprune.data import Dataset, hold_out, load_dataset
-from robustprune.infra.errors import UserError
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
+from robustprune.infra import distributed, outdir
+from robustprune.infra.errors import UserError
 from robustprune.infra.fileio import write_json, write_text
+from robustprune.infra.resume import Journal, remove_stale_temporaries, truncate_lines
+from robustprune.infra.runtime import resolve_device, start
+from robustprune.infra.version import __version__
 from robustprune.models import create_model
 from robustprune.objectives import OBJECTIVES, Objective
 from robustprune.objectives.base import Penalised
@@ -34,42 +40,50 @@ from robustprune.pruning import (
 )
 from robustprune.pruning.structured import count_macs_params
 from robustprune.report import build_report, layer_rows, stage_table, write_report
-from robustprune.infra.resume import STAGES, Journal, remove_stale_temporaries, truncate_lines
-from robustprune.infra.runtime import resolve_device, start
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 Log = Callable[[str], None]
 
 
+# --- what a run needs, checked before anything is written -----------------------------------------------------------
+
 def check_names(cfg: Config) -> None:
-    """What the config could not check when it was read: the device exists here, and each objective trains for
-    the threat's norm (a one-line error before anything runs)."""
+    """What the config could not check when it was read: the device exists here, and each objective trains for the
+    threat's norm (a one-line error before anything runs). Registry names were checked when it was read."""
     resolve_device(cfg.device)
-    for section in (cfg.objective, cfg.finetune_objective):
-        if section is not None:
-            build_objective(section, cfg.threat)
-
-
-def check_prunable(cfg: Config, data: Dataset) -> None:
-    """Dry-run the pruning budget on a fresh model, so an unreachable request fails before anything is written."""
-    p = cfg.prune
-    if PRUNERS.get(p.rule).learned:
-        attach_learned_scores(new_model(cfg, data), p.target_compression, p.scope, rule=p.rule,
-                              **p.budget_options())
-    else:
-        prune(new_model(cfg, data), p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
-
-
-def check_boundable(cfg: Config, data: Dataset) -> None:
-    """A model the verifiers or a certified objective must bound has a bound class for every layer (else exit 2)."""
-    certified = any(OBJECTIVES.get(o.name).certified for o in (cfg.objective, cfg.finetune_objective) if o is not None)
-    if certified or (cfg.evaluate.verifiers and cfg.threat.norm == "linf"):
-        build_graph(new_model(cfg, data))
+    build_objectives(cfg)
 
 
 def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
     """The objective named by ``cfg`` with its own settings, at ``cfg.eps`` (default: the threat's radius)."""
     return OBJECTIVES.get(cfg.name)(threat.eps if cfg.eps is None else cfg.eps, threat.norm, cfg.settings)
+
+
+def build_objectives(cfg: Config) -> tuple[Objective, Objective]:
+    """(pre-training, fine-tuning) objectives: the *same object* unless ``finetune_objective`` names another."""
+    objective = build_objective(cfg.objective, cfg.threat)
+    if cfg.finetune_objective is None:
+        return objective, objective
+    return objective, build_objective(cfg.finetune_objective, cfg.threat)
+
+
+def check_prunable(cfg: Config, model: nn.Module) -> None:
+    """Dry-run the pruning budget on a copy of ``model`` (the random streams untouched), so an unreachable request
+    fails before anything is written."""
+    p, trial = cfg.prune, copy.deepcopy(model)
+    with torch.random.fork_rng():
+        if PRUNERS.get(p.rule).learned:
+            attach_learned_scores(trial, p.target_compression, p.scope, rule=p.rule, **p.budget_options())
+        else:
+            prune(trial, p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
+
+
+def check_boundable(cfg: Config, model: nn.Module) -> None:
+    """A model the verifiers or a certified objective must bound has a bound class for every layer (else exit 2)."""
+    sections = [s for s in (cfg.objective, cfg.finetune_objective) if s is not None]
+    if any(OBJECTIVES.get(s.name).certified for s in sections) or (cfg.evaluate.verifiers and
+                                                                    cfg.threat.norm == "linf"):
+        build_graph(model)
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -90,49 +104,52 @@ def new_model(cfg: Config, data: Dataset) -> nn.Module:
     return create_model(cfg.model.name, data.input_shape, data.num_classes, mean, std)
 
 
-def training(cfg: Config) -> dict:
-    """The run-level training settings every ``fit`` of a stage takes (so stage commands and sweeps honour them)."""
-    return {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
+# --- the stages as functions (run, stage commands, sweep points) -------------------------------------------------
+
+def fit_options(cfg: Config, options: FitOptions | None = None, **changes) -> FitOptions:
+    """``options`` (or the defaults) with the run-level training settings of ``cfg`` and ``changes``."""
+    return dataclasses.replace(options or FitOptions(), batch_size=cfg.data.batch_size, precision=cfg.precision,
+                               channels_last=cfg.channels_last, compile=cfg.compile, **changes)
 
 
-def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
-    return fit(model, objective, data.train, cfg.pretrain, batch_size=cfg.data.batch_size, stage="pretrain",
-               **training(cfg), **fit_options)
+def pretrain(model: nn.Module, cfg: Config, data: Dataset, objective: Objective,
+             options: FitOptions | None = None) -> list[dict]:
+    return fit(model, objective, data.train, cfg.pretrain, fit_options(cfg, options, stage="pretrain"))
 
 
-def prune_model(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> PruningPlan:
+def prune_model(model: nn.Module, cfg: Config, data: Dataset, objective: Objective,
+                options: FitOptions | None = None) -> PruningPlan:
     """One-shot, or iterative: geometric steps to the target with ``round_epochs`` of fine-tuning between rounds."""
     targets = cfg.prune.round_targets()
     for round_index, target in enumerate(targets, start=1):
-        plan = prune_round(model, cfg, target, data, objective, **fit_options)
+        plan = prune_round(model, cfg, target, data, objective, options)
         if round_index < len(targets) and cfg.prune.round_epochs > 0:
             fit(model, objective, data.train, dataclasses.replace(cfg.finetune, epochs=cfg.prune.round_epochs),
-                batch_size=cfg.data.batch_size, stage=f"prune-round-{round_index}", **training(cfg), **fit_options)
+                fit_options(cfg, options, stage=f"prune-round-{round_index}"))
     return plan
 
 
 def prune_round(model: nn.Module, cfg: Config, target: float, data: Dataset, objective: Objective,
-                **fit_options) -> PruningPlan:
-    """Prune to ``target``; a learned rule (HYDRA) first trains its scores with the same objective."""
+                options: FitOptions | None = None) -> PruningPlan:
+    """Prune to ``target``; a learned rule (HYDRA, HARP) first trains its scores with the same objective."""
     p = cfg.prune
-    options = p.budget_options()
+    budget = p.budget_options()
     if not PRUNERS.get(p.rule).learned:
-        return prune(model, p.rule, target, p.scope, seed=cfg.seed, **options)
-    attach_learned_scores(model, target, p.scope, rule=p.rule, **options)
+        return prune(model, p.rule, target, p.scope, seed=cfg.seed, **budget)
+    attach_learned_scores(model, target, p.scope, rule=p.rule, **budget)
     penalty = learned_penalty(model, target, p.rate_penalty)  # HARP's budget term joins the run's own objective
     if penalty is not None:
         objective = Penalised(objective, penalty)
-    fit(model, objective, data.train, p.score_training, batch_size=cfg.data.batch_size, stage=f"{p.rule}-scores",
-        **training(cfg), **fit_options)
+    fit(model, objective, data.train, p.score_training, fit_options(cfg, options, stage=f"{p.rule}-scores"))
     learned = learned_allocation(model)
-    finalize_learned(model, target, **options)
+    finalize_learned(model, target, **budget)
     return PruningPlan(rule=p.rule, scope=p.scope, target_compression=target, masks=masks(model),
-                       options={**options, **learned})
+                       options={**budget, **learned})
 
 
-def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective, **fit_options) -> list[dict]:
-    return fit(model, objective, data.train, cfg.finetune, batch_size=cfg.data.batch_size, stage="finetune",
-               **training(cfg), **fit_options)
+def finetune(model: nn.Module, cfg: Config, data: Dataset, objective: Objective,
+             options: FitOptions | None = None) -> list[dict]:
+    return fit(model, objective, data.train, cfg.finetune, fit_options(cfg, options, stage="finetune"))
 
 
 def measure(model: nn.Module, cfg: Config, data: Dataset) -> dict:
@@ -148,13 +165,100 @@ def structure(model: nn.Module) -> dict:
     return {"dense": {"params": dense_params, "macs": dense_macs}, "slim": {"params": slim_params, "macs": slim_macs}}
 
 
-def prepare_out_dir(out: Path, force: bool, config_name: str) -> outdir.Lock:
-    """Create and lock the run folder ``out`` (``outdir.claim_folder``): a non-empty folder is refused unless
-    ``force``, and ``force`` replaces only a folder robustprune marked as a run. Returns the held lock."""
-    return outdir.claim_folder(out, outdir.RUN, config_name, force=force)
+# --- one run: the stage table ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the stages of one run share: built once in ``run`` and handed from stage to stage."""
+
+    cfg: Config
+    out: Path
+    data: Dataset
+    model: nn.Module
+    objective: Objective
+    finetune_objective: Objective
+    options: FitOptions  # generator, journal, metrics file, console: the same for every fit of the run
+    main: bool  # rank 0 (or the only process): the one that writes
+    log: Log
+    records: dict[str, dict] = field(default_factory=dict)  # report.json stage records, by record name
+    plan: PruningPlan | None = None
+    scalars: object | None = None  # TensorBoard writer (tensorboard: true)
+
+    @property
+    def journal(self) -> Journal:
+        return self.options.journal  # type: ignore[return-value]
 
 
-STAGE_FILES = {"pretrain": "pretrained", "prune": "pruned", "finetune": "finetuned"}
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the journal's, timing's and stage command's name
+    record: str  # the report.json stage record and the checkpoint file: RUN/<record>.safetensors
+    step: Callable[[Run], None]
+
+
+def _pretrain_stage(r: Run) -> None:
+    pretrain(r.model, r.cfg, r.data, r.objective, r.options)
+
+
+def _prune_stage(r: Run) -> None:
+    r.plan = prune_model(r.model, r.cfg, r.data, r.objective, r.options)
+    if r.main:  # right after pruning: a resume after this stage reads it back
+        write_json(r.out / "plan.json", r.plan.to_json())
+
+
+def _finetune_stage(r: Run) -> None:
+    finetune(r.model, r.cfg, r.data, r.finetune_objective, r.options)
+
+
+#: The one stage list: a run, its resume journal and its report follow this order.
+STAGES: tuple[Stage, ...] = (Stage("pretrain", "pretrained", _pretrain_stage), Stage("prune", "pruned", _prune_stage),
+                             Stage("finetune", "finetuned", _finetune_stage))
+
+
+def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
+        log: Log = print) -> dict:
+    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
+
+    After every epoch and stage a journal (``infra/resume.py``) is written; ``resume=True`` continues an interrupted
+    run in ``out`` from it and ends with the metrics an uninterrupted run would have had. The folder is locked for
+    the whole run (``outdir``): a second writer is refused at once.
+    """
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    outdir.check_folder(out, outdir.RUN, force=force, resume=resume)  # before any work: a bad --out fails at once
+    data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
+    objective, finetune_objective = build_objectives(cfg)
+    generator = start(cfg)  # seeded before the model is built: the same initial weights on every rerun
+    model = new_model(cfg, data)
+    check_prunable(cfg, model)
+    check_boundable(cfg, model)
+    if cfg.tensorboard:
+        from robustprune.report.tensorboard import summary_writer_class
+        summary_writer_class()  # a missing extra fails (exit 2) before anything is written
+    device = distributed.local_device(device)
+    distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes (and locks)
+    main = distributed.is_main()
+    if resume:
+        open_for_resume(out, cfg)
+    options = FitOptions(generator=generator, metrics_path=out / "metrics.jsonl" if main else None,
+                         quiet=quiet or not main)
+    state = Run(cfg, out, data, model.to(device), objective, finetune_objective, options, main,
+                log if main else (lambda _: None))
+    with contextlib.ExitStack() as held:
+        if main:
+            held.enter_context(prepare_out_dir(out, force, cfg.name, resume=resume))
+        if main and not resume:
+            write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume and (out / "report.json").is_file():
+            state.log(f"{out} is a finished run (report.json exists): nothing to resume")
+            return json.loads((out / "report.json").read_text())
+        return _run_stages(state, resume)
+
+
+def prepare_out_dir(out: Path, force: bool, config_name: str, *, resume: bool = False) -> outdir.Lock:
+    """Create (or reopen, to resume) and lock the run folder ``out`` (``outdir.claim_folder``): a non-empty folder
+    is refused unless ``force``, and ``force`` replaces only a folder robustprune marked as a run."""
+    return outdir.claim_folder(out, outdir.RUN, config_name, force=force, resume=resume)
 
 
 def open_for_resume(out: Path, cfg: Config) -> None:
@@ -168,145 +272,104 @@ def open_for_resume(out: Path, cfg: Config) -> None:
                         "(a resumed run continues with its own config; drop -c/--set or start a new run)")
 
 
-def resume_point(journal: Journal, out: Path) -> tuple[list[str], Path | None]:
-    """The stages already finished and the stage checkpoint to restart from (None: a fresh model)."""
-    saved = journal.saved
-    if saved is None:
-        return [], None
-    done = list(STAGES[:STAGES.index(saved.stage) + (1 if saved.fit is None else 0)])
-    return done, (out / f"{STAGE_FILES[done[-1]]}.safetensors") if done else None
-
-
-def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
-        log: Log = print) -> dict:
-    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
-
-    After every epoch and stage a journal (``resume.py``) is written; ``resume=True`` continues an interrupted run
-    in ``out`` from it and ends with the metrics an uninterrupted run would have had. The folder is locked for the
-    whole run (``outdir``): a second writer is refused at once.
-    """
-    out = Path(out)
-    check_names(cfg)
-    outdir.check_folder(out, outdir.RUN, force=force, resume=resume)  # before any work: a bad --out fails at once
-    data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
-    check_prunable(cfg, data)
-    check_boundable(cfg, data)
-    build_objective(cfg.objective, cfg.threat)
-    if cfg.tensorboard:
-        from robustprune.report.tensorboard import summary_writer_class
-        summary_writer_class()  # a missing extra fails (exit 2) before anything is written
-    device = distributed.local_device(resolve_device(cfg.device))
-    distributed.setup(device)  # under torchrun: every rank computes, rank 0 alone writes (and locks)
-    main = distributed.is_main()
-    log = log if main else (lambda _: None)
-    if resume:
-        open_for_resume(out, cfg)
-    with contextlib.ExitStack() as held:
-        if main and resume:
-            held.enter_context(outdir.claim_folder(out, outdir.RUN, cfg.name, resume=True))
-        elif main:
-            held.enter_context(prepare_out_dir(out, force, cfg.name))
-            write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if resume and (out / "report.json").is_file():
-            log(f"{out} is a finished run (report.json exists): nothing to resume")
-            return json.loads((out / "report.json").read_text())
-        return _run_stages(cfg, out, data, device, main=main, resume=resume, quiet=quiet, log=log)
-
-
-def _run_stages(cfg: Config, out: Path, data: Dataset, device: torch.device, *, main: bool, resume: bool,
-                quiet: bool, log: Log) -> dict:
-    """The stages of ``run`` in the claimed folder ``out`` (continued from its journal when ``resume``)."""
-    journal = Journal(out, resume=resume, enabled=main)
+def _run_stages(r: Run, resume: bool) -> dict:
+    """Every stage not finished yet, each followed by its evaluation, checkpoint and journal boundary."""
+    r.options = dataclasses.replace(r.options, journal=Journal(r.out, resume=resume, enabled=r.main))
     distributed.barrier()  # every rank has read the journal before rank 0 writes a new one
-    if main:
-        remove_stale_temporaries(out)
-        journal.metrics_path = out / "metrics.jsonl"
-        truncate_lines(journal.metrics_path, journal.metrics_lines if resume else 0)
-    scalars = None
-    if cfg.tensorboard and main:
+    done = _restore(r, resume)
+    timing = r.journal.timing
+    carried, started = sum(v for k, v in timing.items() if k != "total"), time.perf_counter()
+    r.log(f"robustprune {__version__}: {r.cfg.data.name} / {r.cfg.model.name} / {r.objective.name} on "
+          f"{next(r.model.parameters()).device}"
+          + (f" (resumed after {', '.join(done)})" if done else " (resumed)" if resume else ""))
+    for stage in STAGES:
+        if stage.name in done:
+            continue
+        r.journal.begin(stage.name)
+        _timed(timing, stage.name, lambda: stage.step(r))
+        _checkpoint(r, stage, timing)
+        r.journal.save_boundary(stage.name, r.options.generator)
+    timing["total"] = carried + time.perf_counter() - started
+    return _finish(r, timing)
+
+
+def _restore(r: Run, resume: bool) -> list[str]:
+    """Prepare the folder and, when resuming, the state after the last finished stage; returns the finished
+    stages' names."""
+    if r.main:
+        remove_stale_temporaries(r.out)
+        r.journal.metrics_path = r.out / "metrics.jsonl"
+        truncate_lines(r.out / "metrics.jsonl", r.journal.metrics_lines if resume else 0)
+    if r.cfg.tensorboard and r.main:
         from robustprune.report.tensorboard import Scalars
-        scalars = Scalars(out / "tensorboard")
+        r.scalars = Scalars(r.out / "tensorboard")
+        r.options = dataclasses.replace(r.options, on_epoch=r.scalars.epoch)
+    saved = r.journal.saved
+    if saved is None:
+        return []
+    names = [s.name for s in STAGES]
+    finished = STAGES[:names.index(saved.stage) + (1 if saved.fit is None else 0)]
+    for stage in finished:
+        r.records[stage.record] = read_metadata(r.out / f"{stage.record}.safetensors")["metrics"]
+    if finished:
+        r.model = load(r.out / f"{finished[-1].record}.safetensors", next(r.model.parameters()).device)
+    if saved.fit is None:
+        r.journal.restore_boundary(r.options.generator)
+    if any(s.name == "prune" for s in finished):
+        r.plan = PruningPlan.from_json(json.loads((r.out / "plan.json").read_text()))
+    return [s.name for s in finished]
 
-    generator = start(cfg)
-    model = new_model(cfg, data).to(device)
-    objective = build_objective(cfg.objective, cfg.threat)
-    ft_objective = objective if cfg.finetune_objective is None else build_objective(cfg.finetune_objective, cfg.threat)
-    options = {"generator": generator, "metrics_path": out / "metrics.jsonl" if main else None, "journal": journal,
-               "quiet": quiet or not main}
-    if scalars is not None:
-        options["on_epoch"] = scalars.epoch
-    stages, timing, meta = {}, journal.timing, {"config": cfg.to_dict()}
-    carried = sum(v for k, v in timing.items() if k != "total")
-    t_start = time.perf_counter()
 
-    def timed(key: str, step: Callable[[], object]) -> object:
-        t0 = time.perf_counter()
-        result = step()
-        timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
-        return result
+def _timed(timing: dict[str, float], key: str, step: Callable[[], object]) -> None:
+    t0 = time.perf_counter()
+    step()
+    timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
 
-    def checkpoint(stage: str, **extra) -> None:
-        stages[stage] = timed("evaluate", lambda: measure(model, cfg, data))
-        if main:
-            save(model, out / f"{stage}.safetensors", stage=stage, metrics=stages[stage], **meta, **extra)
-        if scalars is not None:
-            scalars.stage(stage, stages[stage])
-        s = stages[stage]
-        robust, pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("robust_acc", "pgd_acc",
-                                                                                  "verified_acc"))
-        log(f"{stage:>10}: compression {s['compression']:.2f}×  robust {robust}  benign {s['benign_acc']:.3f}  "
-            f"PGD {pgd}  verified {verified}"
-            + ("" if s["autoattack_acc"] is None else f"  AutoAttack {s['autoattack_acc']:.3f}"))
-        for warning in s["warnings"]:
-            log(f"warning: {stage}: {warning}")
 
-    done, restart_from = resume_point(journal, out)
-    for stage in done:
-        stages[STAGE_FILES[stage]] = read_metadata(out / f"{STAGE_FILES[stage]}.safetensors")["metrics"]
-    if restart_from is not None:
-        model = load(restart_from, device)
-    if journal.saved is not None and journal.saved.fit is None:
-        journal.restore_boundary(generator)
-    plan = PruningPlan.from_json(json.loads((out / "plan.json").read_text())) if "prune" in done else None
-    log(f"robustprune {__version__}: {cfg.data.name} / {cfg.model.name} / {objective.name} on {device}"
-        + (f" (resumed after {', '.join(done)})" if done else " (resumed)" if resume else ""))
-    if "pretrain" not in done:
-        journal.begin("pretrain")
-        timed("pretrain", lambda: pretrain(model, cfg, data, objective, **options))
-        checkpoint("pretrained")
-        journal.save_boundary("pretrain", generator)
-    if "prune" not in done:
-        journal.begin("prune")
-        plan = timed("prune", lambda: prune_model(model, cfg, data, objective, **options))
-        if main:
-            write_json(out / "plan.json", plan.to_json())
-        checkpoint("pruned", plan=plan.summary())
-        journal.save_boundary("prune", generator)
-    if "finetune" not in done:
-        journal.begin("finetune")
-        timed("finetune", lambda: finetune(model, cfg, data, ft_objective, **options))
-        checkpoint("finetuned", plan=plan.summary())
-        journal.save_boundary("finetune", generator)
-    timing["total"] = carried + time.perf_counter() - t_start
-    if not main:
+def _checkpoint(r: Run, stage: Stage, timing: dict[str, float]) -> None:
+    """Evaluate after ``stage``, save RUN/<record>.safetensors with the record and print its line."""
+    _timed(timing, "evaluate", lambda: r.records.__setitem__(stage.record, measure(r.model, r.cfg, r.data)))
+    s = r.records[stage.record]
+    if r.main:
+        save(r.model, r.out / f"{stage.record}.safetensors", stage=stage.record, metrics=s, **_metadata(r))
+    if r.scalars is not None:
+        r.scalars.stage(stage.record, s)
+    robust, pgd, verified = ("—" if s[k] is None else f"{s[k]:.3f}" for k in ("robust_acc", "pgd_acc",
+                                                                              "verified_acc"))
+    r.log(f"{stage.record:>10}: compression {s['compression']:.2f}×  robust {robust}  benign {s['benign_acc']:.3f}  "
+          f"PGD {pgd}  verified {verified}"
+          + ("" if s["autoattack_acc"] is None else f"  AutoAttack {s['autoattack_acc']:.3f}"))
+    for warning in s["warnings"]:
+        r.log(f"warning: {stage.record}: {warning}")
+
+
+def _metadata(r: Run) -> dict:
+    """Checkpoint metadata every stage file carries: the config, and the plan once there is one."""
+    return {"config": r.cfg.to_dict(), **({"plan": r.plan.summary()} if r.plan is not None else {})}
+
+
+def _finish(r: Run, timing: dict[str, float]) -> dict:
+    """The compressed exports, report.json / report.md / plots (rank 0), the journal closed; returns the report."""
+    if not r.main:
         distributed.barrier()  # rank 0 writes the artefacts and the report
-        return build_report(__version__, cfg.to_dict(), stages, timing, {})
-
-    structured = PRUNERS.get(cfg.prune.rule).structured
-    artifacts = {"checkpoint": str(out / "finetuned.safetensors"), "sparse": None, "slim": None, "onnx": None,
-                 "plan": str(out / "plan.json"), "report_md": str(out / "report.md"), "plots": []}
+        return build_report(__version__, r.cfg.to_dict(), r.records, timing, {})
+    structured = PRUNERS.get(r.cfg.prune.rule).structured
+    # Paths relative to the run folder: a folder that is moved, copied or read from elsewhere still points at them.
+    artifacts = {"checkpoint": "finetuned.safetensors", "sparse": None, "slim": None, "onnx": None,
+                 "plan": "plan.json", "report_md": "report.md", "plots": []}
     for kind in ("sparse", "slim") if structured else ("sparse",):  # the fine-tuned model, really compressed
-        artifacts[kind] = str(save(model, out / f"finetuned.{kind}.safetensors", format=kind, stage="finetuned",
-                                   metrics=stages["finetuned"], plan=plan.summary(), **meta))
-    layers = layer_rows(kept_per_layer(model), plan.options.get("learned_densities"))
-    report = build_report(__version__, cfg.to_dict(), stages, timing, artifacts, layers)
+        path = save(r.model, r.out / f"finetuned.{kind}.safetensors", format=kind, stage="finetuned",
+                    metrics=r.records["finetuned"], **_metadata(r))
+        artifacts[kind] = Path(path).name
+    layers = layer_rows(kept_per_layer(r.model), r.plan.options.get("learned_densities"))
+    report = build_report(__version__, r.cfg.to_dict(), r.records, timing, artifacts, layers)
     if structured:
-        report["structure"] = structure(model)
-    write_report(out, report)
-    journal.finish()
+        report["structure"] = structure(r.model)
+    write_report(r.out, report)
+    r.journal.finish()
     distributed.barrier()
-    if scalars is not None:
-        scalars.close()
-    log("")
-    log(stage_table(report))
+    if r.scalars is not None:
+        r.scalars.close()
+    r.log("")
+    r.log(stage_table(report))
     return report

@@ -28,6 +28,7 @@ from robustprune import pipeline
 from robustprune.infra.runtime import resolve_device, start
 from robustprune.report import METRICS, STAGE_FIELDS, finite, render_sweep
 from robustprune.report.plots import sweep_plots
+from robustprune.train import FitOptions
 
 Log = Callable[[str], None]
 
@@ -74,7 +75,7 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
     data = pipeline.load_data(cfg)
     budgets = {(p.rule, p.compression): p for p in todo if p.compression > 1}  # objectives do not change a budget
     for point in budgets.values():
-        pipeline.check_prunable(point_config(cfg, point), data)
+        pipeline.check_prunable(point_config(cfg, point), pipeline.new_model(cfg, data))
     with outdir.claim_folder(out, outdir.SWEEP, cfg.name):  # one writer at a time, for the whole sweep
         _check_same_sweep(out, cfg)  # again under the lock: another sweep may have written its config meanwhile
         return _run_sweep(cfg, out, todo, pretrain, data, quiet, log)
@@ -133,7 +134,7 @@ def _pretrained(cfg: Config, name: str, data, out: Path, quiet: bool, log: Log) 
     model = pipeline.new_model(run_cfg, data).to(resolve_device(cfg.device))
     started = time.perf_counter()
     pipeline.pretrain(model, run_cfg, data, pipeline.build_objective(run_cfg.objective, cfg.threat),
-                      generator=generator, quiet=quiet)
+                      FitOptions(generator=generator, quiet=quiet))
     metrics = finite(pipeline.measure(model, run_cfg, data))
     metrics["time_s"] = round(time.perf_counter() - started, 2)
     save(model, path, stage="pretrained", config=run_cfg.to_dict(), metrics=metrics)
@@ -149,8 +150,8 @@ def _run_point(cfg: Config, point: Point, checkpoint: Path, data, quiet: bool) -
     model = load(checkpoint, resolve_device(cfg.device)).train()
     objective = pipeline.build_objective(run_cfg.finetune_objective, cfg.threat)
     if point.compression > 1:
-        pipeline.prune_model(model, run_cfg, data, objective, generator=generator, quiet=quiet)
-    pipeline.finetune(model, run_cfg, data, objective, generator=generator, quiet=quiet)
+        pipeline.prune_model(model, run_cfg, data, objective, FitOptions(generator=generator, quiet=quiet))
+    pipeline.finetune(model, run_cfg, data, objective, FitOptions(generator=generator, quiet=quiet))
     metrics = pipeline.measure(model, run_cfg, data)
     # the point's nominal compression names it; the measured one (whole weights) is kept beside it
     return {**{f: metrics.get(f) for f in STAGE_FIELDS}, **dataclasses.asdict(point), "key": point.key,

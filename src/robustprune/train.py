@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,23 +48,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(
-    model: nn.Module,
-    objective: Objective,
-    train: Split,
-    cfg: TrainConfig,
-    *,
-    batch_size: int,
-    stage: str = "train",
-    generator: torch.Generator | None = None,
-    metrics_path: str | Path | None = None,
-    quiet: bool = False,
-    on_epoch: Callable[[dict], None] | None = None,
-    journal: Journal | None = None,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    compile: bool = False,
-) -> list[dict]:
+@dataclass(frozen=True)
+class FitOptions:
+    """How one ``fit`` call runs (what it trains is the model, the objective, the data and the ``TrainConfig``)."""
+
+    batch_size: int = 64
+    stage: str = "train"  # the name in metrics.jsonl, the progress bar and error messages
+    generator: torch.Generator | None = None  # data order (None: torch's global generator)
+    metrics_path: str | Path | None = None  # append one JSON line per epoch here
+    quiet: bool = False  # no progress bar
+    on_epoch: Callable[[dict], None] | None = None  # called with every epoch's record (TensorBoard)
+    journal: Journal | None = None  # resume journal: saved after every epoch, restored on resume
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the objective (attack included) under autocast
+    channels_last: bool = False  # train in that memory layout
+    compile: bool = False  # the objective's passes through torch.compile (same parameters)
+
+
+def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig,
+        options: FitOptions | None = None) -> list[dict]:
     """Train ``model`` in place with ``objective`` for ``cfg.epochs``; returns (and appends) per-epoch metrics.
 
     The objective's ε is 0 for ``cfg.clean_epochs``, then ramped linearly over ``cfg.eps_warmup_epochs`` (then left
@@ -71,73 +73,92 @@ def fit(
 
     With a ``journal`` the state (weights, masks, scores, optimiser, scheduler, RNG) is saved after every epoch, and
     a resumed run skips or continues this call where the journal says. Under torchrun each rank trains on its shard
-    of every batch and the gradients are averaged (``distributed.py``). ``precision`` bf16/fp16 runs the objective
-    (attack included) under autocast; ``channels_last`` trains in that memory layout. Evaluation is never autocast.
-    ``compile`` runs the objective's passes (training attacks included) through ``torch.compile`` (the same
-    parameters; the first batches of each mode compile).
+    of every batch and the gradients are averaged (``infra/distributed.py``). Evaluation is never autocast.
     """
-    index = journal.next_fit() if journal is not None else 0
-    device = next(model.parameters()).device
-    x_all, y_all = train.x.to(device), train.y.to(device)
-    n = len(train)
-    steps_per_epoch = math.ceil(n / batch_size)
-    if cfg.epochs == 0 or n == 0:
+    o = options or FitOptions()
+    index = o.journal.next_fit() if o.journal is not None else 0
+    if cfg.epochs == 0 or len(train) == 0:
         return []
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    first_epoch, history = 0, []
-    restored = journal.restore(index, model, optimizer, scheduler, generator) if journal is not None else None
+    loop = _Loop(model, objective, train, cfg, o)
+    restored = o.journal.restore(index, model, loop.optimizer, loop.scheduler, o.generator) if o.journal else None
     if restored == SKIP:
         return []
-    if restored is not None:
-        first_epoch, history = restored
+    first_epoch, history = restored if restored is not None else (0, [])
     distributed.broadcast_module(model)
-    step = TrainStep(model, optimizer, scheduler, objective, precision, device, compile=compile)
-    if channels_last:
+    if o.channels_last:
         model.to(memory_format=torch.channels_last)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, desc=stage, unit="batch",
-               leave=False, disable=quiet or not sys.stderr.isatty())
+    loop.open_bar(first_epoch)
     for epoch in range(first_epoch, cfg.epochs):
-        start = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for i in range(steps_per_epoch):
-            objective.set_eps_scale(linear_ramp(epoch + i / steps_per_epoch, cfg.eps_warmup_epochs,
-                                                   cfg.clean_epochs))
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            local = distributed.shard(idx)
-            loss, logits = step(x_all[local], y_all[local], len(local) / len(idx))
-            loss_sum += loss * len(local)
-            correct += (logits.argmax(1) == y_all[local]).sum()
-            bar.update(1)
-        distributed.all_sum(loss_sum)
-        distributed.all_sum(correct)
-        record = {"stage": stage, "epoch": epoch + 1, "loss": float(loss_sum) / n, "train_acc": float(correct) / n,
-                  "lr": optimizer.param_groups[0]["lr"], "eps": objective.current_eps,
-                  "time_s": round(time.perf_counter() - start, 3)}
-        diverged = _divergence(record["loss"], model)
-        if diverged:  # the epoch is logged (null loss: metrics.jsonl stays strict JSON), the journal is not
-            bar.close()
-            if metrics_path is not None:
-                append_jsonl(metrics_path, record)
-            raise TrainingDiverged(f"{stage} diverged in epoch {epoch + 1}: {diverged} (lr {cfg.lr:g}, ε "
-                                   f"{objective.current_eps:g}); try a lower {_section(stage)}.lr or a longer ε ramp "
-                                   f"({_section(stage)}.eps_warmup_epochs); the resume journal keeps the last good "
-                                   "epoch")
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+        record = loop.epoch(epoch)
         history.append(record)
-        if metrics_path is not None:
-            append_jsonl(metrics_path, record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if journal is not None:
-            journal.save_epoch(index, epoch + 1, model, optimizer, scheduler, generator, history)
-    bar.close()
-    if channels_last:
+        if o.metrics_path is not None:
+            append_jsonl(o.metrics_path, record)
+        if o.on_epoch is not None:
+            o.on_epoch(record)
+        if o.journal is not None:
+            o.journal.save_epoch(index, epoch + 1, model, loop.optimizer, loop.scheduler, o.generator, history)
+    loop.bar.close()
+    if o.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return history
+
+
+class _Loop:
+    """The epochs of one ``fit`` call: data on the device, optimiser, schedule, the step and the progress bar."""
+
+    def __init__(self, model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig,
+                 options: FitOptions) -> None:
+        self.model, self.objective, self.cfg, self.options = model, objective, cfg, options
+        self.device = next(model.parameters()).device
+        self.x, self.y = train.x.to(self.device), train.y.to(self.device)
+        self.steps = math.ceil(len(train) / options.batch_size)
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps)
+        self.step = TrainStep(model, self.optimizer, self.scheduler, objective, options.precision, self.device,
+                              compile=options.compile)
+
+    def open_bar(self, first_epoch: int) -> None:
+        self.bar = tqdm(total=self.cfg.epochs * self.steps, initial=first_epoch * self.steps, desc=self.options.stage,
+                        unit="batch", leave=False, disable=self.options.quiet or not sys.stderr.isatty())
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the data in a fresh random order; its record (a diverged epoch raises, logged first)."""
+        start, n, size = time.perf_counter(), len(self.y), self.options.batch_size
+        self.model.train()
+        order = torch.randperm(n, generator=self.options.generator).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for i in range(self.steps):
+            self.objective.set_eps_scale(linear_ramp(epoch + i / self.steps, self.cfg.eps_warmup_epochs,
+                                                     self.cfg.clean_epochs))
+            idx = order[i * size:(i + 1) * size]
+            local = distributed.shard(idx)
+            loss, logits = self.step(self.x[local], self.y[local], len(local) / len(idx))
+            loss_sum += loss * len(local)
+            correct += (logits.argmax(1) == self.y[local]).sum()
+            self.bar.update(1)
+        distributed.all_sum(loss_sum)
+        distributed.all_sum(correct)
+        record = {"stage": self.options.stage, "epoch": epoch + 1, "loss": float(loss_sum) / n,
+                  "train_acc": float(correct) / n, "lr": self.optimizer.param_groups[0]["lr"],
+                  "eps": self.objective.current_eps, "time_s": round(time.perf_counter() - start, 3)}
+        self._check_divergence(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+        return record
+
+    def _check_divergence(self, record: dict) -> None:
+        """A diverged epoch is logged (null loss: metrics.jsonl stays strict JSON), the journal is not."""
+        diverged = _divergence(record["loss"], self.model)
+        if not diverged:
+            return
+        self.bar.close()
+        if self.options.metrics_path is not None:
+            append_jsonl(self.options.metrics_path, record)
+        section = _section(self.options.stage)
+        raise TrainingDiverged(f"{self.options.stage} diverged in epoch {record['epoch']}: {diverged} (lr "
+                               f"{self.cfg.lr:g}, ε {self.objective.current_eps:g}); try a lower {section}.lr or a "
+                               f"longer ε ramp ({section}.eps_warmup_epochs); the resume journal keeps the last good "
+                               "epoch")
 
 
 def _divergence(loss: float, model: nn.Module) -> str | None:
@@ -152,7 +173,7 @@ def _divergence(loss: float, model: nn.Module) -> str | None:
 
 def _section(stage: str) -> str:
     """The config section holding the settings of a ``fit`` stage (for the divergence hint)."""
-    if stage == "hydra-scores":
+    if stage.endswith("-scores"):  # hydra-scores, harp-scores
         return "prune.score_training"
     return "finetune" if stage.startswith("prune-round") else stage
 

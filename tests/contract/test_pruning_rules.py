@@ -11,6 +11,7 @@ from robustprune.config import load_config
 from robustprune.models import create_model
 from robustprune.pipeline import build_objective, finetune, prune_model
 from robustprune.pruning import PRUNERS, PruningPlan, masks, prunable_layers, sparsity_report
+from robustprune.train import FitOptions
 
 from conftest import make_tiny_dataset
 
@@ -47,13 +48,13 @@ def _weight_tolerance(model, rule: str) -> int:
 @pytest.mark.parametrize("schedule", ["oneshot", "iterative"])
 def test_pruning_contract(rule, scope, schedule):
     cfg, data, model, objective = _setup(rule, scope, schedule)
-    plan = prune_model(model, cfg, data, objective, quiet=True)
+    plan = prune_model(model, cfg, data, objective, FitOptions(quiet=True))
     report = sparsity_report(model)
     target = report["params_prunable"] / 4.0
     assert abs(report["params_nonzero"] - target) <= _weight_tolerance(model, rule)
 
     zero = {n: m.weight.detach() == 0 for n, m in prunable_layers(model)}
-    finetune(model, cfg, data, objective, quiet=True)
+    finetune(model, cfg, data, objective, FitOptions(quiet=True))
     for name, module in prunable_layers(model):
         assert torch.all(module.weight[zero[name]] == 0), f"{rule}: a pruned weight of {name} revived"
 

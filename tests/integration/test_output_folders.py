@@ -317,19 +317,42 @@ def test_a_read_only_folder_fails_before_any_work(tmp_path, capsys, monkeypatch,
 # ------------------------------------------------------------------------------- 6. report of a moved run folder
 
 
-def test_report_repoints_every_artifact_of_a_moved_run(finished_run, tmp_path, capsys):
+def _artifact_paths(artifacts: dict) -> list[str]:
+    return [v for k, v in artifacts.items() if k != "plots" and v is not None] + artifacts["plots"]
+
+
+def test_a_moved_run_folder_still_points_at_its_artifacts(finished_run, tmp_path, capsys, monkeypatch):
+    """report.json names its artifacts relative to the run folder: a moved or copied folder, read from another
+    working directory, needs no rewriting; ``report`` and ``evaluate`` work on it."""
     moved = tmp_path / "elsewhere" / "run"
     moved.parent.mkdir()
     shutil.move(str(finished_run), moved)
-    before = json.loads((moved / "report.json").read_text())["artifacts"]
-    assert main(["report", str(moved)]) == 0
+    monkeypatch.chdir(tmp_path)
     artifacts = json.loads((moved / "report.json").read_text())["artifacts"]
-    assert set(artifacts) == set(before)
-    paths = [v for k, v in artifacts.items() if k != "plots" and v is not None] + artifacts["plots"]
     assert {"checkpoint", "sparse", "plan", "report_md"} <= {k for k, v in artifacts.items() if v is not None}
-    for path in paths:
-        assert Path(path).parent in (moved, moved / "plots") and Path(path).is_file(), path
-    assert artifacts["checkpoint"] == str(moved / "finetuned.safetensors")  # the form run writes
+    assert artifacts["checkpoint"] == "finetuned.safetensors" and artifacts["plots"][0].startswith("plots/")
+    for path in _artifact_paths(artifacts):
+        assert not Path(path).is_absolute() and (moved / path).is_file(), path
+    assert main(["report", str(moved)]) == 0
+    assert json.loads((moved / "report.json").read_text())["artifacts"] == artifacts
+    capsys.readouterr()
+    assert main(["evaluate", str(moved / artifacts["checkpoint"]), "--set", "evaluate.n_samples=20",
+                 "--set", "evaluate.verifiers=[]", "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["benign_acc"] <= 1
+
+
+def test_report_makes_an_older_report_json_relative(finished_run, tmp_path):
+    """Before, artifacts were named as written from the working directory (``<run folder>/<name>``)."""
+    report = json.loads((finished_run / "report.json").read_text())
+    old_place = tmp_path / "was" / "here"
+    report["artifacts"] = {k: (None if v is None else [str(old_place / p) for p in v] if k == "plots"
+                               else str(old_place / v)) for k, v in report["artifacts"].items()}
+    (finished_run / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(finished_run)]) == 0
+    artifacts = json.loads((finished_run / "report.json").read_text())["artifacts"]
+    assert artifacts["checkpoint"] == "finetuned.safetensors" and artifacts["report_md"] == "report.md"
+    for path in _artifact_paths(artifacts):
+        assert (finished_run / path).is_file(), path
 
 
 # ------------------------------------------------------------------------------------------ 7. diverged training

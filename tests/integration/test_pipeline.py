@@ -23,7 +23,7 @@ def test_default_pipeline_keeps_its_robustness_at_10x(tmp_path):
     assert tuned["benign_acc"] >= 0.98 * dense["benign_acc"]
     assert tuned["pgd_acc"] >= 0.98 * dense["pgd_acc"]
     # the run leaves the fine-tuned model really compressed on disk, with the same logits
-    sparse_file, checkpoint = Path(report["artifacts"]["sparse"]), Path(report["artifacts"]["checkpoint"])
+    sparse_file, checkpoint = (tmp_path / "run" / report["artifacts"][k] for k in ("sparse", "checkpoint"))
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(load(sparse_file)(x), load(checkpoint)(x))
@@ -63,9 +63,9 @@ def test_structured_run_reports_the_slim_model(tmp_path):
     assert slim["params"] < dense["params"] and slim["macs"] < dense["macs"]
     assert report["stages"]["finetuned"]["compression"] == pytest.approx(2.0, rel=0.1)
     assert (tmp_path / "run" / "plan.json").is_file() and report["artifacts"]["plan"].endswith("plan.json")
-    masked, slim = load(report["artifacts"]["checkpoint"]), load(report["artifacts"]["slim"])
+    masked, slim = (load(tmp_path / "run" / report["artifacts"][k]) for k in ("checkpoint", "slim"))
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(slim(x), masked(x), atol=1e-5)
     assert sum(p.numel() for p in slim.parameters()) == report["structure"]["slim"]["params"]
-    assert Path(report["artifacts"]["sparse"]).is_file()
+    assert (tmp_path / "run" / report["artifacts"]["sparse"]).is_file()

@@ -85,7 +85,7 @@ def test_report_rerenders_a_sweep(tiny_sweep, capsys):
 def test_a_run_embeds_its_plots_and_report_rerenders_them(tmp_path, capsys):
     report = run(load_config(None, TINY), tmp_path / "run", quiet=True, log=lambda _: None)
     plots = [tmp_path / "run" / "plots" / n for n in ("stages.png", "densities.png", "training.png")]
-    assert report["artifacts"]["plots"] == [str(p) for p in plots]
+    assert report["artifacts"]["plots"] == [f"plots/{p.name}" for p in plots]  # relative to the run folder
     for plot in plots:
         assert_png(plot)
         plot.unlink()

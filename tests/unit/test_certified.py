@@ -16,7 +16,7 @@ from robustprune.objectives import create
 from robustprune.objectives.certified import worst_case_logits
 from robustprune.objectives.schedules import interpolate, linear_ramp
 from robustprune.pipeline import build_objective
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 
 def test_worst_case_logits_put_zero_at_the_label_and_minus_margins_elsewhere():
@@ -86,7 +86,7 @@ def test_ibp_training_raises_verified_accuracy(tiny_data):
     threat, cfg = ThreatConfig(eps=0.1), eval_config(pgd_steps=10, verifiers=("ibp", "crown"))
     before = evaluate(model, tiny_data.test, threat, cfg)
     fit(model, create("ibp", eps=0.1, kappa_end=0.0), tiny_data.train,
-        TrainConfig(epochs=15, lr=3e-3, clean_epochs=2, eps_warmup_epochs=5), batch_size=16, quiet=True)
+        TrainConfig(epochs=15, lr=3e-3, clean_epochs=2, eps_warmup_epochs=5), FitOptions(batch_size=16, quiet=True))
     after = evaluate(model, tiny_data.test, threat, cfg)
     assert after["verified_acc"] >= 0.8 > before["verified_acc"]
     assert after["verified_acc"] <= after["pgd_acc"] <= after["benign_acc"]

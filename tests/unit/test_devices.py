@@ -13,7 +13,7 @@ from robustprune.infra.errors import UserError
 from robustprune.objectives import create
 from robustprune.pruning import prune
 from robustprune.infra.runtime import resolve_device
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 from conftest import make_tiny_dataset
 
@@ -65,7 +65,7 @@ def test_mixed_precision_and_channels_last_training(precision, channels_last):
     prune(model, "magnitude", 4.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = fit(model, create("pgd", eps=0.1, steps=2), data.train, TrainConfig(epochs=2, lr=1e-2),
-                  batch_size=16, precision=precision, channels_last=channels_last)
+                  FitOptions(batch_size=16, precision=precision, channels_last=channels_last))
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
@@ -85,7 +85,7 @@ def test_stage_functions_pass_the_run_level_training_settings(monkeypatch):
 
     seen = []
     monkeypatch.setattr(pipeline, "fit",
-                        lambda *a, **k: seen.append((k["precision"], k["channels_last"], k["compile"])) or [])
+                        lambda *a: seen.append((a[4].precision, a[4].channels_last, a[4].compile)) or [])
     cfg = load_config(None, ["precision=bf16", "channels_last=true", "compile=true", "prune.schedule=iterative",
                              "prune.rounds=2"])
     data = make_tiny_dataset(shape=(1, 8, 8))
@@ -125,7 +125,7 @@ def test_compiled_training_matches_eager_training():
         model = create_model("mlp", (1, 6, 6), 3)
         prune(model, "magnitude", 4.0)
         history = fit(model, create("pgd", eps=0.1, steps=3), data.train, TrainConfig(epochs=2, lr=1e-2),
-                      batch_size=16, generator=torch.Generator().manual_seed(0), compile=compiled)
+                      FitOptions(batch_size=16, generator=torch.Generator().manual_seed(0), compile=compiled))
         results.append((history, model.state_dict()))
     (eager_history, eager), (compiled_history, compiled) = results
     assert set(eager) == set(compiled)  # no "_orig_mod." keys: the compiled module shares the model's parameters

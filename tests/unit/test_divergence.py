@@ -13,7 +13,7 @@ from robustprune.config import TrainConfig
 from robustprune.infra.errors import TrainingDiverged
 from robustprune.objectives import create
 from robustprune.infra.resume import Journal
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 
 def _strict_json_lines(path) -> list[dict]:
@@ -45,8 +45,8 @@ def test_nan_loss_in_epoch_two_stops_with_the_stage_and_epoch_and_keeps_epoch_on
     metrics = tmp_path / "metrics.jsonl"
     objective = PoisonedAfter(create("benign"), steps_before=steps_per_epoch + 1)
     with pytest.raises(TrainingDiverged, match=r"pretrain diverged in epoch 2: the loss is nan \(lr 0.05"):
-        fit(tiny_mlp, objective, tiny_data.train, cfg, batch_size=16, stage="pretrain", metrics_path=metrics,
-            journal=journal)
+        fit(tiny_mlp, objective, tiny_data.train, cfg, FitOptions(batch_size=16, stage="pretrain", metrics_path=metrics,
+            journal=journal))
     lines = _strict_json_lines(metrics)
     assert [(r["epoch"], r["loss"] is None) for r in lines] == [(1, False), (2, True)]
     resumed = Journal(tmp_path, resume=True)
@@ -68,12 +68,12 @@ def test_a_non_finite_parameter_stops_training_even_with_a_finite_loss(tiny_mlp,
 
     tiny_mlp.spare = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(TrainingDiverged, match=r"finetune diverged in epoch 1: parameter spare is not finite"):
-        fit(tiny_mlp, CorruptsSpare(), tiny_data.train, TrainConfig(epochs=2, lr=1e-3), batch_size=16,
-            stage="finetune")
+        fit(tiny_mlp, CorruptsSpare(), tiny_data.train, TrainConfig(epochs=2, lr=1e-3), FitOptions(batch_size=16,
+            stage="finetune"))
 
 
 def test_an_honest_run_is_not_stopped(tiny_mlp, tiny_data):
-    history = fit(tiny_mlp, create("benign"), tiny_data.train, TrainConfig(epochs=2, lr=1e-2), batch_size=16)
+    history = fit(tiny_mlp, create("benign"), tiny_data.train, TrainConfig(epochs=2, lr=1e-2), FitOptions(batch_size=16))
     assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
 
 

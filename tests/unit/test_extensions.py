@@ -16,7 +16,7 @@ from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.objectives import OBJECTIVES, Objective
 from robustprune.pipeline import build_objective
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 from conftest import make_tiny_dataset
 
@@ -93,7 +93,7 @@ def test_a_new_objective_trains_through_fit_and_is_configured_by_its_own_keys(ti
             load_config(None, ["objective.name=label-smoothing", "objective.steps=3"])
         torch.manual_seed(0)
         model = create_model("mlp", (1, 6, 6), 3)
-        history = fit(model, objective, tiny.train, TrainConfig(epochs=3, lr=1e-2), batch_size=32, quiet=True)
+        history = fit(model, objective, tiny.train, TrainConfig(epochs=3, lr=1e-2), FitOptions(batch_size=32, quiet=True))
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert "label-smoothing" not in OBJECTIVES
 

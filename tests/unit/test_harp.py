@@ -13,7 +13,7 @@ from robustprune.objectives import create
 from robustprune.objectives.base import Penalised
 from robustprune.pruning import attach_learned_scores, finalize_learned, harp, prunable_layers
 from robustprune.pruning.plan import erk_counts, floors, layer_counts
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 
 def _model(shape=(1, 28, 28), classes=10):
@@ -134,7 +134,7 @@ def test_the_joint_phase_trains_scores_and_rates_and_moves_the_allocation(tiny_d
     attach_learned_scores(model, 5.0, "layer", rule="harp")
     start = harp.learned_densities(model)
     objective = Penalised(create("pgd", eps=0.1, steps=2), lambda net: harp.budget_penalty(net, 5.0, 1.0))
-    fit(model, objective, tiny_data.train, TrainConfig(epochs=2, lr=0.5), batch_size=32, quiet=True)
+    fit(model, objective, tiny_data.train, TrainConfig(epochs=2, lr=0.5), FitOptions(batch_size=32, quiet=True))
     assert harp.learned_densities(model) != start
     finalize_learned(model, 5.0)
     assert sum(_kept(model).values()) == round(sum(_sizes(model).values()) / 5.0)

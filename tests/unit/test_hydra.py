@@ -13,7 +13,7 @@ from robustprune.pruning.hydra import (
     ScoreMask, attach_scores, finalize_scores, keep_count, scaled_score_init, score_masks,
 )
 from robustprune.pruning.masks import ParamMask, apply_masks, masks, plain_state_dict, prunable_layers
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 
 def _model(name="cnn-small", shape=(1, 8, 8), classes=10):
@@ -131,8 +131,8 @@ def test_fit_with_the_robust_objective_trains_only_the_scores(tiny_data):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     scores = attach_scores(model, 3.0, "layer")
     start = [s.detach().clone() for s in scores]
-    fit(model, create("pgd", eps=0.1, steps=2), tiny_data.train, TrainConfig(epochs=2, lr=0.05), batch_size=32,
-        quiet=True)
+    fit(model, create("pgd", eps=0.1, steps=2), tiny_data.train, TrainConfig(epochs=2, lr=0.05), FitOptions(batch_size=32,
+        quiet=True))
     assert any(not torch.equal(s, s0) for s, s0 in zip(scores, start))
     finalize_scores(model)
     for name, p in model.named_parameters():

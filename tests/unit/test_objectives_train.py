@@ -9,7 +9,7 @@ from robustprune.config import TrainConfig
 from robustprune.objectives import OBJECTIVES, create
 from robustprune.objectives.schedules import linear_ramp
 from robustprune.pruning import prunable_layers, prune
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())
@@ -45,8 +45,8 @@ def test_linear_ramp():
 def test_fit_learns_and_logs_every_epoch(tiny_mlp, tiny_data, tmp_path, schedule, optimizer):
     cfg = TrainConfig(epochs=8, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 0.01, schedule=schedule)
     path = tmp_path / "metrics.jsonl"
-    history = fit(tiny_mlp, create("benign"), tiny_data.train, cfg, batch_size=16, metrics_path=path, quiet=True,
-                  generator=torch.Generator().manual_seed(0))
+    history = fit(tiny_mlp, create("benign"), tiny_data.train, cfg, FitOptions(batch_size=16, metrics_path=path, quiet=True,
+                  generator=torch.Generator().manual_seed(0)))
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines == history and [r["epoch"] for r in lines] == list(range(1, 9))
     assert lines[-1]["train_acc"] > 0.9 and lines[-1]["loss"] < lines[0]["loss"]
@@ -54,8 +54,8 @@ def test_fit_learns_and_logs_every_epoch(tiny_mlp, tiny_data, tmp_path, schedule
 
 def test_fit_ramps_eps_then_holds_it(tiny_mlp, tiny_data):
     objective = create("pgd", eps=0.2, steps=1)
-    history = fit(tiny_mlp, objective, tiny_data.train, TrainConfig(epochs=4, eps_warmup_epochs=2), batch_size=64,
-                  quiet=True)
+    history = fit(tiny_mlp, objective, tiny_data.train, TrainConfig(epochs=4, eps_warmup_epochs=2), FitOptions(batch_size=64,
+                  quiet=True))
     # one batch per epoch: the ε used in epoch e (0-based) is 0.2 * e / 2
     assert [round(r["eps"], 6) for r in history] == [0.0, 0.1, 0.2, 0.2]
 
@@ -67,7 +67,7 @@ def test_masks_survive_fit(tiny_data):
     prune(model, "magnitude", 10.0)
     zeros = {n: m.weight == 0 for n, m in prunable_layers(model)}
     fit(model, create("pgd", eps=0.1, steps=2), tiny_data.train,
-        TrainConfig(epochs=2, optimizer="sgd", lr=0.1, weight_decay=1e-3), batch_size=16, quiet=True)
+        TrainConfig(epochs=2, optimizer="sgd", lr=0.1, weight_decay=1e-3), FitOptions(batch_size=16, quiet=True))
     for name, module in prunable_layers(model):
         assert torch.all(module.weight[zeros[name]] == 0)
         assert torch.count_nonzero(module.weight) == (~zeros[name]).sum()  # kept weights did train, none zeroed
@@ -79,8 +79,8 @@ def test_fit_is_deterministic_for_a_seed(tiny_data):
     def train_once():
         torch.manual_seed(0)
         model = create_model("mlp", (1, 6, 6), 3)
-        fit(model, create("pgd", eps=0.1, steps=2), tiny_data.train, TrainConfig(epochs=2), batch_size=16,
-            quiet=True, generator=torch.Generator().manual_seed(0))
+        fit(model, create("pgd", eps=0.1, steps=2), tiny_data.train, TrainConfig(epochs=2), FitOptions(batch_size=16,
+            quiet=True, generator=torch.Generator().manual_seed(0)))
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(train_once(), train_once())

@@ -15,7 +15,7 @@ from robustprune.evaluate import attack_plan, evaluate, worst_case
 from robustprune.models import create_model
 from robustprune.objectives import create
 from robustprune.report import build_report, retention, stage_table
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 CLASSES = 5
 evaluation = importlib.import_module("robustprune.evaluate")  # the module (the package exports the function)
@@ -103,7 +103,7 @@ def honest_digits():
     data = load_dataset("digits")
     model = create_model("mlp", data.input_shape, data.num_classes, *data.channel_stats())
     fit(model, create("pgd", eps=0.2, steps=7), data.train, TrainConfig(epochs=15, lr=3e-3, eps_warmup_epochs=5),
-        batch_size=64, generator=torch.Generator().manual_seed(0))
+        FitOptions(batch_size=64, generator=torch.Generator().manual_seed(0)))
     return model.eval(), data.test
 
 

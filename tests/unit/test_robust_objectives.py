@@ -19,7 +19,7 @@ from robustprune.data import load_dataset
 from robustprune.infra.errors import UserError
 from robustprune.models import create_model
 from robustprune.objectives import OBJECTIVES, create
-from robustprune.train import fit
+from robustprune.train import FitOptions, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -283,8 +283,8 @@ def test_each_objective_beats_benign_training_under_pgd(digits):
         torch.manual_seed(0)
         net = create_model("mlp", (1, 8, 8), 10)
         objective = create(name) if name == "benign" else create(name, **settings(name, eps=eps))
-        fit(net, objective, digits.train, TrainConfig(epochs=4, lr=3e-3), batch_size=64, quiet=True,
-            generator=torch.Generator().manual_seed(0))
+        fit(net, objective, digits.train, TrainConfig(epochs=4, lr=3e-3), FitOptions(batch_size=64, quiet=True,
+            generator=torch.Generator().manual_seed(0)))
         net.eval()
         torch.manual_seed(1)
         x_adv = pgd(net, digits.test.x, digits.test.y, eps, steps=10)

@@ -263,7 +263,7 @@ def digits_models():
     from robustprune.config import TrainConfig
     from robustprune.data import load_dataset
     from robustprune.models import create_model
-    from robustprune.train import fit
+    from robustprune.train import FitOptions, fit
 
     data = load_dataset("digits")
     models = {}
@@ -274,7 +274,7 @@ def digits_models():
         if name == "smooth":
             objective.generator = seeded(0)
         fit(model, objective, data.train, TrainConfig(epochs=8, optimizer="adam", lr=3e-3, schedule="constant"),
-            batch_size=128, quiet=True, generator=seeded(0))
+            FitOptions(batch_size=128, quiet=True, generator=seeded(0)))
         models[name] = model
     return data, models
 

@@ -32,7 +32,6 @@ from robustprune.infra.fileio import atomic_path
 
 JOURNAL = "resume.safetensors"
 _DELETE_IT = "; delete it to restart the run from its last stage checkpoint"
-STAGES = ("pretrain", "prune", "finetune")
 SKIP = "skip"
 
 

@@ -42,12 +42,13 @@ def _rerender_run(report: dict, folder: Path) -> list[Path]:
     render_markdown(report)
     repoint_artifacts(report, folder)
     write_report(folder, report)
-    return [folder / "report.md", *map(Path, report["artifacts"]["plots"])]
+    return [folder / "report.md", *(folder / p for p in report["artifacts"]["plots"])]
 
 
 def repoint_artifacts(report: dict, folder: Path) -> None:
-    """Artifact paths naming files of the run folder where it was written (report.md's folder) now name them in
-    ``folder``, in the form ``run`` writes (``<folder>/<name>``); paths elsewhere are kept as they are."""
+    """Artifact paths relative to the run folder, as ``run`` writes them since report.json files became portable.
+    An older report.json named them as ``<folder where it was written>/<name>`` (report.md's folder): those become
+    ``<name>``; paths outside that folder are kept as they are."""
     artifacts = report.get("artifacts")
     anchor = artifacts.get("report_md") if isinstance(artifacts, dict) else None
     if not isinstance(anchor, str):  # nothing to re-point (write_report adds the plots)
@@ -55,7 +56,7 @@ def repoint_artifacts(report: dict, folder: Path) -> None:
     old = Path(anchor).parent
     for key, value in artifacts.items():
         if key != "plots" and isinstance(value, str) and Path(value).is_relative_to(old):
-            artifacts[key] = str(folder / Path(value).relative_to(old))
+            artifacts[key] = Path(value).relative_to(old).as_posix()
 
 
 def _read_json(path: Path) -> dict:

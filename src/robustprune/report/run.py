@@ -6,7 +6,6 @@ from typing import Any
 
 from robustprune.infra.fileio import finite, write_json, write_text
 
-STAGES = ("pretrained", "pruned", "finetuned")
 STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc",
                 "verified_acc", "verified_by", "attack_acc", "smoothing", "params_prunable", "params_nonzero",
                 "compression", "sparsity", "n_eval", "n_autoattack_eval", "n_verified_eval", "warnings")
@@ -42,12 +41,12 @@ def build_report(version: str, config: dict, stages: dict[str, dict], timing: di
         "robustprune_version": version,
         "config": config,
         "threat": {"norm": threat.get("norm"), "eps": threat.get("eps")},
-        "stages": {name: {f: stages[name].get(f) for f in STAGE_FIELDS} for name in STAGES if name in stages},
+        "stages": {name: {f: record.get(f) for f in STAGE_FIELDS} for name, record in stages.items()},  # run order
         "retention": retention(stages),
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
         "layers": layers or [],
         "artifacts": artifacts,
-        "warnings": [f"{name}: {w}" for name in STAGES if name in stages for w in stages[name].get("warnings") or []],
+        "warnings": [f"{name}: {w}" for name, record in stages.items() for w in record.get("warnings") or []],
     })
 
 
@@ -134,6 +133,6 @@ def write_report(out_dir: str | Path, report: dict) -> None:
 
     out_dir = Path(out_dir)
     artifacts = report.setdefault("artifacts", {})
-    artifacts["plots"] = [str(p) for p in run_plots(report, out_dir)]
+    artifacts["plots"] = [p.relative_to(out_dir).as_posix() for p in run_plots(report, out_dir)]
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", render_markdown(report))
