@@ -22,7 +22,7 @@ from robustprune.data import Split
 from robustprune.infra.errors import TrainingDiverged
 from robustprune.infra.fileio import append_jsonl
 from robustprune.objectives import Objective
-from robustprune.objectives.schedules import linear_ramp
+from robustprune.objectives.ramps import linear_ramp
 from robustprune.infra.resume import SKIP, Journal
 
 

@@ -14,7 +14,7 @@ from robustprune.infra.errors import UserError
 from robustprune.evaluate import SoundnessError, evaluate
 from robustprune.objectives import create
 from robustprune.objectives.certified import worst_case_logits
-from robustprune.objectives.schedules import interpolate, linear_ramp
+from robustprune.objectives.ramps import interpolate, linear_ramp
 from robustprune.pipeline import build_objective
 from robustprune.train import FitOptions, fit
 

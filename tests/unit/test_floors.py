@@ -96,3 +96,22 @@ def test_import_forms(tmp_path, statement, expected):
     path = tmp_path / "m.py"
     path.write_text(statement + "\n")
     assert imported_units(path) == [(expected, 1)]
+
+
+# ------------------------------------------------------------------------------ the shape of the code (issue 19)
+
+MAX_FUNCTION_LINES, MAX_FILE_LINES = 60, 400
+
+
+def test_no_function_over_60_lines_and_no_file_over_400():
+    long = []
+    for path in sources():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            long.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {lines} lines")
+    assert long == []

@@ -7,7 +7,7 @@ import torch
 
 from robustprune.config import TrainConfig
 from robustprune.objectives import OBJECTIVES, create
-from robustprune.objectives.schedules import linear_ramp
+from robustprune.objectives.ramps import linear_ramp
 from robustprune.pruning import prunable_layers, prune
 from robustprune.train import FitOptions, fit
 

@@ -5,7 +5,7 @@ H. Zhang et al., "Towards Stable and Efficient Training of Verifiably Robust Neu
 
 loss = κ · CE(z(x), y) + (1 − κ) · CE(ẑ, y), where ẑ_j = −m_j is built from lower bounds m_j of the margins
 z_y − z_j over the L∞ ball ∩ [0, 1] (ẑ_y = 0): the logits of the worst case the bounds allow. For ``crown-ibp`` the
-margin bound is β · CROWN-IBP + (1 − β) · IBP. κ and β follow the ε ramp (``schedules.interpolate``): with the ramp
+margin bound is β · CROWN-IBP + (1 − β) · IBP. κ and β follow the ε ramp (``ramps.interpolate``): with the ramp
 factor t, κ = κ_start → κ_end and β = β_start → β_end; at t = 1 and β = 0 the CROWN pass is skipped.
 Defaults follow the papers: κ 1 → 0.5 (Gowal et al.), β 1 → 0 (Zhang et al.); the ε ramp length and the clean
 epochs before it are per-stage settings (``eps_warmup_epochs``, ``clean_epochs``).
@@ -22,7 +22,7 @@ from torch import nn
 from robustprune.bounds import margin_bounds, margin_lower_bounds
 from robustprune.infra.errors import UserError
 from robustprune.objectives.base import OBJECTIVES, Objective
-from robustprune.objectives.schedules import interpolate
+from robustprune.objectives.ramps import interpolate
 
 
 def worst_case_logits(margin_lower: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

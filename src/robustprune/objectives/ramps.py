@@ -1,4 +1,4 @@
-"""Schedules of objective hyper-parameters over training: the ε ramp and the κ / β mixing weights that follow it.
+"""Ramps of objective hyper-parameters over training: the ε ramp and the κ / β mixing weights that follow it.
 
 Certified training (Gowal et al. 2018, IBP; Zhang et al. 2020, CROWN-IBP) trains clean for a few epochs, then ramps
 ε linearly to its target; κ (weight of the clean loss) and β (weight of the CROWN-IBP bound against the IBP bound)
