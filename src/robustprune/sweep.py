@@ -27,7 +27,6 @@ from robustprune.infra.fileio import write_json, write_text
 from robustprune import pipeline
 from robustprune.infra.runtime import resolve_device, start
 from robustprune.report import METRICS, STAGE_FIELDS, finite, render_sweep
-from robustprune.report.plots import sweep_plots
 from robustprune.train import FitOptions
 
 Log = Callable[[str], None]
@@ -83,6 +82,8 @@ def sweep(cfg: Config, out: str | Path, compressions: Sequence[float], pretrain:
 
 def _run_sweep(cfg: Config, out: Path, todo: list[Point], pretrain: list[str], data, quiet: bool, log: Log) -> dict:
     """Every point not yet on disk, then sweep.json, sweep.md and the plots, in the claimed folder ``out``."""
+    from robustprune.report.plots import sweep_plots  # matplotlib only when plots are drawn: the CLI starts faster
+
     (out / "points").mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dense = {name: _pretrained(cfg, name, data, out, quiet, log) for name in pretrain}

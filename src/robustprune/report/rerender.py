@@ -7,7 +7,6 @@ from pathlib import Path
 from robustprune.infra import outdir
 from robustprune.infra.errors import UserError
 from robustprune.infra.fileio import write_json, write_text
-from robustprune.report.plots import sweep_plots
 from robustprune.report.run import render_markdown, write_report
 from robustprune.report.sweep import render_sweep
 
@@ -31,6 +30,8 @@ def rerender(folder: str | Path) -> list[Path]:
 
 
 def _rerender_sweep(data: dict, folder: Path) -> list[Path]:
+    from robustprune.report.plots import sweep_plots  # matplotlib only when plots are drawn: the CLI starts faster
+
     render_sweep(data, folder)
     data["plots"] = [str(p) for p in sweep_plots(data, folder / "plots")]
     write_json(folder / "sweep.json", data)
