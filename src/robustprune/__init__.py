@@ -10,6 +10,6 @@ from robustprune.train import fit  # noqa: E402
 from robustprune.pruning import prune  # noqa: E402
 from robustprune.evaluate import evaluate  # noqa: E402
 from robustprune import export  # noqa: E402
-from robustprune.pipeline import run  # noqa: E402
+from robustprune.pipeline import compress, run  # noqa: E402
 
-__all__ = ["__version__", "create_model", "evaluate", "export", "fit", "load_dataset", "prune", "run"]
+__all__ = ["__version__", "compress", "create_model", "evaluate", "export", "fit", "load_dataset", "prune", "run"]

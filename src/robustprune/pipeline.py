@@ -8,7 +8,6 @@ writes anything, builds the model and the objectives once, and hands them from s
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -16,13 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 from torch import nn
 
-from robustprune.bounds import build_graph
-from robustprune.config import Config, ObjectiveConfig, ThreatConfig, load_stored
-from robustprune.data import Dataset, hold_out, load_dataset
+from robustprune.config import Config, load_config, load_stored
+from robustprune.data import Dataset, Split
 from robustprune.evaluate import evaluate
 from robustprune.export import load, read_metadata, save
 from robustprune.infra import distributed, outdir
@@ -31,9 +28,11 @@ from robustprune.infra.fileio import write_json, write_text
 from robustprune.infra.resume import Journal, remove_stale_temporaries, truncate_lines
 from robustprune.infra.runtime import resolve_device, start
 from robustprune.infra.version import __version__
-from robustprune.models import create_model
-from robustprune.objectives import OBJECTIVES, Objective
+from robustprune.objectives import Objective
 from robustprune.objectives.base import Penalised
+from robustprune.prepare import (  # noqa: F401  (check_names, build_objective, given_model: also used via pipeline)
+    build_objective, build_objectives, check_boundable, check_names, check_prunable, given_model, load_data, new_model,
+)
 from robustprune.pruning import (
     PRUNERS, PruningPlan, attach_learned_scores, finalize_learned, kept_per_layer, learned_allocation, learned_penalty,
     masks, prune, slim, sparsity_report,
@@ -43,65 +42,6 @@ from robustprune.report import build_report, layer_rows, stage_table, write_repo
 from robustprune.train import FitOptions, fit
 
 Log = Callable[[str], None]
-
-
-# --- what a run needs, checked before anything is written -----------------------------------------------------------
-
-def check_names(cfg: Config) -> None:
-    """What the config could not check when it was read: the device exists here, and each objective trains for the
-    threat's norm (a one-line error before anything runs). Registry names were checked when it was read."""
-    resolve_device(cfg.device)
-    build_objectives(cfg)
-
-
-def build_objective(cfg: ObjectiveConfig, threat: ThreatConfig) -> Objective:
-    """The objective named by ``cfg`` with its own settings, at ``cfg.eps`` (default: the threat's radius)."""
-    return OBJECTIVES.get(cfg.name)(threat.eps if cfg.eps is None else cfg.eps, threat.norm, cfg.settings)
-
-
-def build_objectives(cfg: Config) -> tuple[Objective, Objective]:
-    """(pre-training, fine-tuning) objectives: the *same object* unless ``finetune_objective`` names another."""
-    objective = build_objective(cfg.objective, cfg.threat)
-    if cfg.finetune_objective is None:
-        return objective, objective
-    return objective, build_objective(cfg.finetune_objective, cfg.threat)
-
-
-def check_prunable(cfg: Config, model: nn.Module) -> None:
-    """Dry-run the pruning budget on a copy of ``model`` (the random streams untouched), so an unreachable request
-    fails before anything is written."""
-    p, trial = cfg.prune, copy.deepcopy(model)
-    with torch.random.fork_rng():
-        if PRUNERS.get(p.rule).learned:
-            attach_learned_scores(trial, p.target_compression, p.scope, rule=p.rule, **p.budget_options())
-        else:
-            prune(trial, p.rule, p.target_compression, p.scope, seed=cfg.seed, **p.budget_options())
-
-
-def check_boundable(cfg: Config, model: nn.Module) -> None:
-    """A model the verifiers or a certified objective must bound has a bound class for every layer (else exit 2)."""
-    sections = [s for s in (cfg.objective, cfg.finetune_objective) if s is not None]
-    if any(OBJECTIVES.get(s.name).certified for s in sections) or (cfg.evaluate.verifiers and
-                                                                    cfg.threat.norm == "linf"):
-        build_graph(model)
-
-
-def load_data(cfg: Config) -> Dataset:
-    """The dataset, with ``data.val_fraction`` of the training images held out of training; evaluation then reports
-    on them instead of the test images when ``evaluate.split`` is ``val`` (choosing settings never sees the test)."""
-    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
-    if cfg.data.val_fraction == 0:
-        return data
-    train, val = hold_out(data.train, cfg.data.val_fraction)
-    if len(train) == 0 or len(val) == 0:
-        raise UserError(f"data.val_fraction {cfg.data.val_fraction:g} of {len(data.train)} training images leaves "
-                        "an empty training or validation split")
-    return Dataset(data.name, train, val if cfg.evaluate.split == "val" else data.test, data.num_classes)
-
-
-def new_model(cfg: Config, data: Dataset) -> nn.Module:
-    mean, std = data.channel_stats()
-    return create_model(cfg.model.name, data.input_shape, data.num_classes, mean, std)
 
 
 # --- the stages as functions (run, stage commands, sweep points) -------------------------------------------------
@@ -216,8 +156,12 @@ STAGES: tuple[Stage, ...] = (Stage("pretrain", "pretrained", _pretrain_stage), S
 
 
 def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
-        log: Log = print) -> dict:
+        log: Log = print, model: nn.Module | None = None, data: Dataset | None = None) -> dict:
     """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
+
+    ``model``: the user's network instead of ``cfg.model`` (a copy is compressed; the argument is left as it is);
+    ``data``: a ``Dataset`` instead of ``cfg.data``'s. The compressed model is ``load(out / report["artifacts"]
+    ["checkpoint"])``.
 
     After every epoch and stage a journal (``infra/resume.py``) is written; ``resume=True`` continues an interrupted
     run in ``out`` from it and ends with the metrics an uninterrupted run would have had. The folder is locked for
@@ -226,10 +170,10 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     out = Path(out)
     device = resolve_device(cfg.device)
     outdir.check_folder(out, outdir.RUN, force=force, resume=resume)  # before any work: a bad --out fails at once
-    data = load_data(cfg)  # before the folder exists: missing data leaves nothing behind
+    data = load_data(cfg) if data is None else data  # before the folder exists: missing data leaves nothing behind
     objective, finetune_objective = build_objectives(cfg)
     generator = start(cfg)  # seeded before the model is built: the same initial weights on every rerun
-    model = new_model(cfg, data)
+    model = new_model(cfg, data) if model is None else given_model(model, data)
     check_prunable(cfg, model)
     check_boundable(cfg, model)
     if cfg.tensorboard:
@@ -373,3 +317,22 @@ def _finish(r: Run, timing: dict[str, float]) -> dict:
     r.log("")
     r.log(stage_table(report))
     return report
+
+
+def compress(net: nn.Module, train: Split | tuple, test: Split | tuple, *, objective: str = "pgd", eps: float,
+             compression: float = 10.0, norm: str = "linf", settings: dict | None = None, out: str | Path | None = None,
+             quiet: bool = True, log: Log = lambda _: None) -> tuple[nn.Module, dict]:
+    """The common case in one call: ``net`` (already trained: no pre-training) pruned ``compression``× and
+    fine-tuned with ``objective`` at radius ``eps``, evaluated as the command line does; returns the compressed
+    model (a copy of ``net`` with its masks) and the report. ``train`` / ``test``: ``Split`` or ``(x, y)`` with x
+    in [0, 1]. Every other option is the CLI's default; ``settings`` takes dotted keys as ``--set`` does
+    (``{"finetune.epochs": 5, "prune.rule": "harp"}``). The run folder ``out`` defaults to
+    ``runs/compress-<time>``."""
+    splits = [s if isinstance(s, Split) else Split(*s) for s in (train, test)]
+    data = Dataset("custom", splits[0], splits[1], int(max(int(s.y.max()) for s in splits)) + 1)
+    overrides = [f"objective.name={objective}", f"threat.eps={eps}", f"threat.norm={norm}",
+                 f"prune.compression={compression}", "pretrain.epochs=0", "name=compress"]
+    overrides += [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items()]
+    out = Path(out) if out is not None else Path("runs") / f"compress-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = run(load_config(None, overrides), out, quiet=quiet, log=log, model=net, data=data)
+    return load(out / report["artifacts"]["checkpoint"], model=net), report

@@ -33,6 +33,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         _check(isinstance(value, dict), f"{key} must be a mapping of settings, got {_show(value)}")
         return _build(annotation, value, key + ".")
+    if origin is dict:
+        _check(isinstance(value, dict) and all(isinstance(k, str) for k in value),
+               f"{key} must be a mapping with string keys, got {_show(value)}")
+        return dict(value)
     if origin is tuple:
         (inner, _) = typing.get_args(annotation)
         items = value if isinstance(value, (list, tuple)) else [value]

@@ -17,6 +17,7 @@ from robustprune.bounds import VERIFIERS
 from robustprune.data import DATASETS
 from robustprune.infra.errors import UserError
 from robustprune.models import MODELS
+from robustprune.models.factory import check_factory_name, is_factory
 from robustprune.objectives import OBJECTIVES
 from robustprune.pruning import PRUNERS, SCOPES
 
@@ -51,7 +52,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  # a registered model (robustprune list models)
+    # a registered model (robustprune list models), or the user's own network: "package.module:function", an
+    # importable callable returning an nn.Module that takes inputs in [0, 1] (called with ``kwargs``)
+    name: str = "mlp"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # arguments of a factory (JSON values)
+    init: str | None = None  # start from these weights (.safetensors or weights-only .pt state dict)
+
+    def __post_init__(self) -> None:
+        if is_factory(self.name):
+            check_factory_name(self.name)
+        else:
+            _registered(MODELS, self.name, "name")
+            _check(not self.kwargs, f"kwargs are for a model factory (package.module:function); {self.name} takes none")
 
 
 #: The config's ``threat`` section is the attacks' threat model itself.
@@ -294,7 +306,6 @@ class Config:
         _check(self.precision in ("fp32", "bf16", "fp16"),
                f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         _registered(DATASETS, self.data.name, "data.name")
-        _registered(MODELS, self.model.name, "model.name")
         _check(self.evaluate.split == "test" or self.data.val_fraction > 0,
                "evaluate.split: val needs data.val_fraction > 0 (the images held out of training)")
 

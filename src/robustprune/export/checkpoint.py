@@ -18,6 +18,7 @@ masks and weights that are 0 where masked. Anything else is refused with a one-l
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -86,10 +87,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _parse(path, _raw_metadata(path))
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The metadata and the checked tensors of a checkpoint of any layout, in plain form (``<param>`` with its zeros
-    and ``<param>_mask``), floats as fp32 — without building the model (only its shapes, on the meta device).
-    UserError for a file that fails any check of the module docstring."""
+    and ``<param>_mask``), floats as fp32 — without building the model (only its shapes, on the meta device; or
+    the shapes of ``model``, a network the caller gives). UserError for a file that fails any check of the module
+    docstring."""
     path = Path(path)
     raw = _raw_metadata(path)
     tensors = _read_tensors(path)
@@ -97,7 +99,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
         digest.check(tensors, raw, f"{path}: the checkpoint")
     meta = _parse(path, raw)
     try:
-        skeleton = slim_spec.skeleton(meta["arch"])
+        skeleton = slim_spec.skeleton(meta["arch"]) if model is None else model
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     expected = plain_state_dict(skeleton)  # meta tensors: the shapes the file must hold
@@ -109,11 +111,12 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return meta, tensors
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model of a checkpoint of any layout, masks included, in fp32 and eval mode (its metadata:
-    :func:`read_metadata`)."""
-    meta, state = read(path)
-    model = slim_spec.build(meta["arch"])
+    :func:`read_metadata`). ``model``: load into a copy of this network instead of rebuilding the file's
+    architecture (the user's own class: no code the file names is run)."""
+    meta, state = read(path, model)
+    model = slim_spec.build(meta["arch"]) if model is None else copy.deepcopy(model)
     try:
         load_plain_state_dict(model, state)
     except (KeyError, RuntimeError, ValueError) as err:  # checked in read(); kept so a surprise stays one line

@@ -74,9 +74,10 @@ def format_description(d: dict[str, Any]) -> str:
     arch = d["arch"] or {}
     lines = [f"file: {d['file']} ({d['size_bytes'] / 1e6:.3f} MB, {d['layout']} layout"
              + (f", {d['dtype']} values)" if d["dtype"] else ")")]
-    if "name" in arch:
-        lines.append(f"architecture: {arch['name']}, input {tuple(arch['input_shape'])}, {arch['num_classes']} "
-                     f"classes" + (" (slim: channels cut)" if arch.get("slim") else ""))
+    if "name" in arch or "factory" in arch:
+        name = arch.get("name") or f"{arch['factory']} (factory)"
+        lines.append(f"architecture: {name}, input {tuple(arch['input_shape'])}, {arch['num_classes']} classes"
+                     + (" (slim: channels cut)" if arch.get("slim") else ""))
     elif arch:
         lines.append(f"ONNX opset {arch['opset']}, inputs {arch['inputs']}")
     if d["stage"]:

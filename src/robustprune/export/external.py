@@ -1,6 +1,6 @@
 """External PyTorch weights → a robustprune model (``robustprune import WEIGHTS.pt -c CONFIG --out X.safetensors``).
 
-The file is read only with ``torch.load(weights_only=True)`` (DESIGN.md §3): tensors and plain containers, never
+A ``.safetensors`` file is read as tensors; any other file only with ``torch.load(weights_only=True)`` (DESIGN.md §3): tensors and plain containers, never
 arbitrary pickled objects, so a malicious pickle is refused instead of run. Accepted layouts:
 - a plain state dict of the config's model (``Sequential(Normalize, body)``: ``0.mean``, ``0.std``, ``1.…``);
 - the same nested under ``state_dict``, ``model_state_dict`` or ``model`` (training-loop checkpoints; other entries
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from robustprune.infra.errors import UserError
@@ -49,6 +50,11 @@ def import_weights(model: nn.Module, path: str | os.PathLike) -> None:
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":  # tensors only, by construction (a robustprune checkpoint's weights and masks)
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise UserError(f"{path}: not a readable safetensors file ({_load_reason(err)})") from None
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below is the message
             warnings.simplefilter("ignore")

@@ -61,7 +61,7 @@ def build(arch: dict[str, Any]) -> nn.Module:
     modules = dict(model.named_modules())
     for name, shape in (arch.get("widths") or {}).items():
         if name not in modules:
-            raise UserError(f"slim architecture names layer {name!r:.80}, which {arch['name']!r} does not have")
+            raise UserError(f"slim architecture names layer {name!r:.80}, which {arch.get('name', arch.get('factory'))!r} does not have")
         _replace(model, name, _resized(modules[name], shape, name))
     if arch.get("slim"):
         model.arch = dict(arch)
@@ -75,7 +75,7 @@ def skeleton(arch: dict[str, Any]) -> nn.Module:
         model = build(arch)
     size = sum(t.numel() for t in model.state_dict().values())
     if size > MAX_PARAMETERS:
-        raise UserError(f"architecture {arch['name']!r} with input {arch['input_shape']} has {size:,} parameters "
+        raise UserError(f"architecture {arch.get('name', arch.get('factory'))!r} with input {arch['input_shape']} has {size:,} parameters "
                         f"(more than {MAX_PARAMETERS:,}): not a model this robustprune loads")
     try:
         with torch.no_grad():

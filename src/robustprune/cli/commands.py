@@ -1,139 +1,23 @@
-"""The ``robustprune`` command: a thin argparse layer over the pipeline and its stage functions.
-
-Exit codes: 0 success, 2 bad input (one line on stderr), 1 anything else (set ROBUSTPRUNE_DEBUG=1 for a traceback).
-"""
+"""What each ``robustprune`` command does: thin layers over the pipeline, its stage functions, the sweep, export
+and the report."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from robustprune.config import Config, load_config
 from robustprune.infra import outdir
-from robustprune.infra.allocator import keep_freed_memory
-from robustprune.infra.errors import TrainingDiverged, UserError, one_line
-from robustprune.infra.version import __version__
-from robustprune.pruning import SCOPES
+from robustprune.infra.errors import UserError
 from robustprune.train import FitOptions
-
-LIST_KINDS = ("models", "datasets", "objectives", "pruners", "attacks", "verifiers")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (default: the embedded digits / PGD / 10× default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set threat.eps=0.1 (repeatable)")
-
-
-def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--out", required=what == "checkpoint", help=f"output {what}")
-    p.add_argument("--force", action="store_true", help=f"replace an existing {what}")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="robustprune", description="Compress networks, keep their robustness.")
-    parser.add_argument("--version", action="version", version=f"robustprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_pipeline_commands(sub)
-    _add_file_commands(sub)
-    return parser
-
-
-def _add_pipeline_commands(sub) -> None:
-    """run, the stage commands and sweep: the commands that train or evaluate."""
-    p = sub.add_parser("run", help="the whole pipeline: pre-train, prune, fine-tune, evaluate, report")
-    _add_config_args(p)
-    _add_out_args(p, "run folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --out from its last finished epoch (same final metrics)")
-
-    p = sub.add_parser("train", help="pre-train a dense model → checkpoint")
-    _add_config_args(p)
-    _add_out_args(p, "checkpoint")
-
-    p = sub.add_parser("prune", help="prune a checkpoint → checkpoint")
-    p.add_argument("checkpoint")
-    amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--compression", type=float, help="prunable / nonzero prunable weights (>= 1)")
-    amount.add_argument("--sparsity", type=float, help="fraction of prunable weights set to 0, in [0, 1)")
-    p.add_argument("--scope", choices=SCOPES,
-                   help="layer: same rate per layer; global: one threshold; erk: Erdős–Rényi-Kernel rates")
-    p.add_argument("--rule", help="pruning rule (robustprune list pruners)")
-    _add_config_args(p)
-    _add_out_args(p, "checkpoint")
-
-    p = sub.add_parser("finetune", help="fine-tune a (pruned) checkpoint with its masks fixed → checkpoint")
-    p.add_argument("checkpoint")
-    _add_config_args(p)
-    _add_out_args(p, "checkpoint")
-
-    p = sub.add_parser("evaluate", help="benign and PGD accuracy of a checkpoint")
-    p.add_argument("checkpoint")
-    _add_config_args(p)
-    p.add_argument("--attacks", help="comma-separated attacks to run, e.g. pgd,fgsm,autoattack "
-                                     "(robustprune list attacks; same as --set evaluate.attacks=[...])")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-    p = sub.add_parser("sweep", help="accuracy against compression for objective pairs and rules (resumable)")
-    _add_config_args(p)
-    p.add_argument("--compression", required=True, help="comma-separated compressions, e.g. 1,2,5,10,20,50,100")
-    p.add_argument("--pretrain-objectives", help="comma-separated (default: the config's objective)")
-    p.add_argument("--finetune-objectives", help="comma-separated (default: the config's fine-tuning objective)")
-    p.add_argument("--rules", help="comma-separated pruning rules (default: the config's)")
-    p.add_argument("--out", help="sweep folder (default: sweeps/<config name>); run again to resume")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_file_commands(sub) -> None:
-    """report, export, inspect, import, download and list: the commands that read or write files only."""
-    p = sub.add_parser("report", help="re-render the plots and markdown of a run or sweep folder")
-    p.add_argument("folder")
-
-    p = sub.add_parser("export", help="write a checkpoint as a sparse, slim or ONNX artefact")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", required=True, choices=("sparse", "slim", "onnx"),
-                   help="sparse: kept weights + mask encoding; slim: channels cut; onnx: for other runtimes")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="stored precision of the weights (sparse and slim; loaded back as fp32)")
-    p.add_argument("--out", help="output file (default: beside the checkpoint, CKPT.<format>.safetensors / .onnx)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
-
-    p = sub.add_parser("inspect", help="architecture, layout, per-layer density, size and metrics of a file")
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true", help="print the description as JSON")
-
-    p = sub.add_parser("import", help="an external PyTorch state dict (.pt, loaded weights-only) → checkpoint")
-    p.add_argument("weights", help="a .pt/.pth file holding a state dict of the config's model")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="output checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing output checkpoint")
-
-    p = sub.add_parser("download", help="fetch a dataset from its publisher (pinned checksums) into the data root")
-    p.add_argument("name", help="mnist, fashion-mnist, cifar10 or svhn")
-    p.add_argument("--root", help="data root (default: $ROBUSTPRUNE_DATA, else ~/.cache/robustprune)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser("list", help="list registered names")
-    p.add_argument("kind", choices=LIST_KINDS)
-
 
 # ------------------------------------------------------------------------------------------------ commands
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> None:
     from robustprune.pipeline import run
 
     if args.resume:
@@ -193,7 +77,7 @@ def _stage_setup(cfg: Config):
     return pipeline, data, generator, resolve_device(cfg.device)
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from robustprune.export import save
 
     cfg = load_config(args.config, args.overrides)
@@ -206,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"pre-trained model: {out}")
 
 
-def _cmd_prune(args: argparse.Namespace) -> None:
+def cmd_prune(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
     from robustprune.pruning import kept_per_layer, sparsity_report
     from robustprune.report import layer_rows, layer_table
@@ -230,7 +114,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     print(layer_table(layer_rows(kept_per_layer(model), plan.options.get("learned_densities"))))
 
 
-def _cmd_finetune(args: argparse.Namespace) -> None:
+def cmd_finetune(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
 
     meta = read_metadata(args.checkpoint)
@@ -245,7 +129,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     print(f"fine-tuned model: {out}")
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata
     from robustprune.report import finite, stage_table
 
@@ -267,7 +151,7 @@ def _names(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def _cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> None:
     from robustprune.sweep import sweep
 
     try:
@@ -281,14 +165,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print(f"\nsweep folder: {out} (sweep.md, sweep.json, plots/)")
 
 
-def _cmd_report(args: argparse.Namespace) -> None:
+def cmd_report(args: argparse.Namespace) -> None:
     from robustprune.report import rerender
 
     for path in rerender(args.folder):
         print(path)
 
 
-def _cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> None:
     from robustprune.export import load, read_metadata, save
 
     source = Path(args.checkpoint)
@@ -309,7 +193,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
           f"{dense / 1e6:.3f} MB)")
 
 
-def _cmd_inspect(args: argparse.Namespace) -> None:
+def cmd_inspect(args: argparse.Namespace) -> None:
     from robustprune.export.describe import describe, format_description
 
     path = Path(args.file)
@@ -319,7 +203,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
 
-def _cmd_import(args: argparse.Namespace) -> None:
+def cmd_import(args: argparse.Namespace) -> None:
     from robustprune.export import save
     from robustprune.export.external import import_weights
 
@@ -332,7 +216,7 @@ def _cmd_import(args: argparse.Namespace) -> None:
     print(f"imported {args.weights} as a {cfg.model.name} checkpoint: {out}")
 
 
-def _cmd_download(args: argparse.Namespace) -> None:
+def cmd_download(args: argparse.Namespace) -> None:
     from robustprune.data.base import resolve_root
     from robustprune.data.download import download
 
@@ -340,7 +224,7 @@ def _cmd_download(args: argparse.Namespace) -> None:
     print(f"{args.name}: {folder}")
 
 
-def _cmd_list(args: argparse.Namespace) -> None:
+def cmd_list(args: argparse.Namespace) -> None:
     from robustprune.attacks import ATTACKS
     from robustprune.bounds import VERIFIERS
     from robustprune.data import DATASETS
@@ -351,36 +235,3 @@ def _cmd_list(args: argparse.Namespace) -> None:
     registry = {"models": MODELS, "datasets": DATASETS, "objectives": OBJECTIVES, "pruners": PRUNERS,
                 "attacks": ATTACKS, "verifiers": VERIFIERS}[args.kind]
     print("\n".join(registry.names()))
-
-
-COMMANDS = {"run": _cmd_run, "train": _cmd_train, "prune": _cmd_prune, "finetune": _cmd_finetune,
-            "evaluate": _cmd_evaluate, "export": _cmd_export, "inspect": _cmd_inspect,
-            "sweep": _cmd_sweep, "report": _cmd_report, "import": _cmd_import, "download": _cmd_download,
-            "list": _cmd_list}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        keep_freed_memory()
-        COMMANDS[args.command](args)
-        return 0
-    except UserError as err:
-        print(f"robustprune: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:  # not the input, not a bug: the run itself failed (its last journal is kept)
-        print(f"robustprune: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    except OSError as err:  # unwritable folder, disk full, ...: the system's reason, on one line
-        where = f": {err.filename}" if err.filename else ""
-        print(f"robustprune: error: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("robustprune: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug: say so in one line unless asked for the traceback
-        if os.environ.get("ROBUSTPRUNE_DEBUG"):
-            raise
-        print(f"robustprune: internal error: {type(err).__name__}: {err} "
-              "(set ROBUSTPRUNE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
