@@ -177,3 +177,15 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     example = importlib.import_module("readme_example")
     assert example.report["stages"]["finetuned"]["compression"] == pytest.approx(10, rel=0.02)
     assert (tmp_path / "runs" / "mynet" / "report.json").is_file()
+
+
+def test_a_factory_network_is_cut_structurally_and_its_slim_file_rebuilds(user_module, tmp_path):
+    args = sets("model.name=usernets:build", "prune.rule=filter-l1", "prune.compression=2", *QUICK)
+    assert main(["run", "--out", str(tmp_path / "run"), "--quiet", *args]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["structure"]["slim"]["params"] < report["structure"]["dense"]["params"]
+    slim, masked = (load(tmp_path / "run" / report["artifacts"][k]) for k in ("slim", "checkpoint"))
+    assert type(slim).__name__ == "UserNet" and (slim.conv.out_channels < 4 or slim.fc1.out_features < 16)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(slim(x), masked(x), atol=1e-5)
