@@ -158,7 +158,26 @@ def _net_residual_first():
     return (2, 4, 4), nn.Sequential(block, nn.Flatten(), nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 4))
 
 
+class _ViewCat(nn.Module):
+    """A written-out forward (traced by torch.fx): a view, a reshape and a concatenation skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.a, self.b, self.head = nn.Linear(48, 6), nn.Linear(32, 5), nn.Linear(11, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).view(x.size(0), -1)
+        skip = self.b(x.reshape(x.size(0), -1))
+        return self.head(torch.relu(torch.cat([self.a(h), skip], dim=1)))
+
+
+def _net_view_cat():
+    return (2, 4, 4), _ViewCat()
+
+
 NETWORKS = {
+    "view-cat": _net_view_cat,
     "linear": _net_linear, "conv2d": _net_conv2d, "conv2d-odd": _net_conv2d_odd, "normalize": _net_normalize,
     "batchnorm": _net_batchnorm, "flatten": _net_flatten, "identity": _net_identity, "dropout": _net_dropout,
     "avgpool": _net_avgpool, "avgpool-odd": _net_avgpool_odd, "adaptive-avgpool": _net_adaptive_avgpool,

@@ -1,8 +1,9 @@
 """Sound bounds of a network's outputs over the L∞ ball ∩ [0, 1], and verification of robustness from them.
 
 Three methods, registered in ``VERIFIERS``: ``ibp`` (interval propagation), ``crown-ibp`` (CROWN's backward bounds
-on the output with IBP intermediate bounds) and ``crown`` (CROWN everywhere). Pruning masks are honoured: bound
-classes read ``module.weight``, the masked weight.
+on the output with IBP intermediate bounds) and ``crown`` (CROWN everywhere). Any model whose ``forward`` traces
+(``torch.fx``) into layers and functions with bound classes is bounded (``trace.py``). Pruning masks are honoured:
+bound classes read ``module.weight``, the masked weight.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from robustprune.bounds import maxpool, relu  # noqa: F401  (register the nonlinear bound classes)
-from robustprune.bounds.graph import Graph, build_graph
+from robustprune.bounds import maxpool, relu, shape  # noqa: F401  (register their bound classes)
+from robustprune.bounds.graph import Graph
 from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval
 from robustprune.bounds.propagate import backward_bound, concretize, crown_bounds, input_box, interval_pass
+from robustprune.bounds.trace import build_graph, clear_graph_cache
 from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
@@ -109,5 +111,5 @@ def _class_count(logits: Interval) -> int:
     return logits[0].shape[1]
 
 
-__all__ = ["BOUND_OPS", "BoundOp", "Graph", "VERIFIERS", "build_graph", "compute_bounds", "margin_bounds",
-           "margin_lower_bounds", "margin_spec", "spec_lower_bounds", "verify"]
+__all__ = ["BOUND_OPS", "BoundOp", "Graph", "VERIFIERS", "build_graph", "clear_graph_cache", "compute_bounds",
+           "margin_bounds", "margin_lower_bounds", "margin_spec", "spec_lower_bounds", "verify"]

@@ -1,8 +1,9 @@
 """A model as a graph of bound classes: nodes in topological order, each with the nodes it reads.
 
-``nn.Sequential`` becomes a chain, robustprune's ``ResidualBlock`` two branches joined by an Add node; every other
-module must have a registered bound class. A layer without one is refused with an error naming it — a verifier
-that skipped a layer would report bounds of a different network.
+The graph is built by tracing the model's ``forward`` (``trace.build_graph``): every module with a bound class is
+one node named by its qualified name (``features.3``), every supported function or tensor method between them
+(``F.relu``, ``x.view(x.size(0), -1)``, ``a + b``, ``torch.cat``) one node named after the module whose
+``forward`` calls it (``layer1.0.add``). Node 0 is the input, the last node the output.
 """
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from robustprune.bounds.ops import BOUND_OPS, AddBound, BoundOp
+from robustprune.bounds.ops import BOUND_OPS, BoundOp
 from robustprune.infra.errors import UserError
-from robustprune.models.resnet import ResidualBlock
 
 
 @dataclass
@@ -26,10 +26,20 @@ class Node:
 
 @dataclass
 class Graph:
-    nodes: list[Node]
+    nodes: list[Node] = field(default_factory=lambda: [Node("input", None)])
 
     @property
     def output(self) -> int:
+        return len(self.nodes) - 1
+
+    def append(self, name: str, op: BoundOp, inputs: list[int]) -> int:
+        """Add a node reading ``inputs`` (earlier nodes); returns its index."""
+        depth = max(self.nodes[i].mixing_depth for i in inputs)
+        if op.nonlinear:
+            depth = math.inf
+        elif op.mixing:
+            depth += 1
+        self.nodes.append(Node(name, op, inputs, depth))
         return len(self.nodes) - 1
 
     def needs_crown(self, index: int) -> bool:
@@ -41,45 +51,27 @@ class Graph:
         return {node.inputs[0] for node in self.nodes if node.op is not None and node.op.nonlinear}
 
 
-def bound_op_for(module: nn.Module, name: str) -> BoundOp:
+def bound_class_of(module: nn.Module) -> type[BoundOp] | None:
+    """The registered bound class of ``module``: one covering a class of the module whose ``forward`` it keeps (a
+    subclass that replaces ``forward`` computes something else; it is traced through instead)."""
     for entry in BOUND_OPS.names():
         op_class = BOUND_OPS.get(entry)
-        if op_class.module_types and isinstance(module, op_class.module_types):
-            try:
-                op = op_class(module)
-                op.name = name
-                return op
-            except ValueError as err:
-                raise UserError(f"cannot bound layer {name!r} ({type(module).__name__}): {err}") from None
-    supported = ", ".join(BOUND_OPS.names())
-    raise UserError(f"cannot bound layer {name!r} ({type(module).__name__}): no bound class for it "
-                    f"(supported: {supported}, residual blocks, nn.Sequential)")
+        if any(isinstance(module, t) and type(module).forward is t.forward for t in op_class.module_types):
+            return op_class
+    return None
 
 
-def build_graph(model: nn.Module) -> Graph:
-    """The bound graph of ``model`` (``UserError`` naming the first unsupported layer)."""
-    nodes = [Node("input", None)]
-
-    def append(name: str, op: BoundOp, inputs: list[int]) -> int:
-        depth = max(nodes[i].mixing_depth for i in inputs)
-        if op.nonlinear:
-            depth = math.inf
-        elif op.mixing:
-            depth += 1
-        nodes.append(Node(name, op, inputs, depth))
-        return len(nodes) - 1
-
-    def add(module: nn.Module, name: str, source: int) -> int:
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            for child_name, child in module.named_children():
-                source = add(child, f"{name}.{child_name}" if name else child_name, source)
-            return source
-        if isinstance(module, ResidualBlock):
-            residual = add(module.residual, f"{name}.residual", source)
-            shortcut = add(module.shortcut, f"{name}.shortcut", source)
-            joined = append(f"{name}.add", AddBound(), [residual, shortcut])
-            return add(module.post, f"{name}.post", joined)
-        return append(name or type(module).__name__, bound_op_for(module, name or "model"), [source])
-
-    add(model, "", 0)
-    return Graph(nodes)
+def bound_op_for(module: nn.Module, name: str, where: str = "") -> BoundOp:
+    """The bound op of layer ``name``; ``UserError`` naming it (and ``where``: its source line) if it has none."""
+    op_class = bound_class_of(module)
+    if op_class is None:
+        supported = ", ".join(BOUND_OPS.names())
+        raise UserError(f"cannot bound layer {name!r} ({type(module).__name__}){where}: no bound class for it "
+                        f"(supported: {supported}, and modules whose forward uses only these and supported "
+                        f"functions)")
+    try:
+        op = op_class.from_module(module)
+    except ValueError as err:
+        raise UserError(f"cannot bound layer {name!r} ({type(module).__name__}){where}: {err}") from None
+    op.name = name
+    return op

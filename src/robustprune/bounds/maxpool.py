@@ -11,23 +11,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval
+from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval, pair
 
 
 @BOUND_OPS.register("MaxPool2d")
 class MaxPoolBound(BoundOp):
-    """``nn.MaxPool2d`` with kernel = stride, no padding, no dilation, floor mode."""
+    """``nn.MaxPool2d`` or ``F.max_pool2d`` with kernel = stride, no padding, no dilation, floor mode."""
 
     module_types = (nn.MaxPool2d,)
     nonlinear = True
 
-    def __init__(self, module: nn.MaxPool2d) -> None:
-        super().__init__(module)
-        kernel, stride = module.kernel_size, module.stride or module.kernel_size
-        if kernel != stride or module.padding not in (0, (0, 0)) or module.dilation not in (1, (1, 1)) \
-                or module.ceil_mode:
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> None:
+        super().__init__()
+        kernel = pair(kernel_size)
+        stride = kernel if stride is None or stride == [] else pair(stride)
+        if kernel != stride or pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode:
             raise ValueError("only non-overlapping max pooling (kernel = stride, no padding, dilation or ceil mode)")
         self.kernel = kernel
+
+    @classmethod
+    def from_module(cls, module: nn.MaxPool2d) -> MaxPoolBound:
+        op = cls(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        op.module = module
+        return op
 
     def interval(self, x: Interval) -> Interval:
         return F.max_pool2d(x[0], self.kernel), F.max_pool2d(x[1], self.kernel)

@@ -12,7 +12,10 @@ layer's output per sample, whose *lower* bounds are wanted (an upper bound is th
   op and no ReLU is affine *per coordinate of a box*, so its interval is already exact and CROWN is skipped there.
 
 Weights are read from the module at call time (``module.weight`` is the masked weight of a pruned layer) and cast to
-the dtype of the bounds, so verification can run in float64 on a float32 model without copying it.
+the dtype of the bounds, so verification can run in float64 on a float32 model without copying it. A functional call
+(``F.linear(x, self.weight, self.bias)``, ``F.conv2d``) is bounded by the same class, its ``module`` a stand-in with
+the layer's attributes that reads the tensors from the model at call time (``functional.FunctionalLayer``). Bound
+classes are built from a module by ``from_module``, from a function's arguments by their constructors.
 """
 from __future__ import annotations
 
@@ -42,6 +45,11 @@ class BoundOp:
     def __init__(self, module: nn.Module | None = None) -> None:
         self.module = module
         self.name = ""  # the layer's name in the model, for error messages (set by the graph builder)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> BoundOp:
+        """The bound op of one of ``module_types`` (ValueError for settings it cannot bound)."""
+        return cls(module)
 
     def interval(self, *inputs: Interval) -> Interval:
         raise NotImplementedError
@@ -132,7 +140,11 @@ class LinearBound(BoundOp):
 
 @BOUND_OPS.register("Conv2d")
 class Conv2dBound(BoundOp):
-    """2-D convolution with zero padding, x (B, C, H, W) → y (B, C', H', W'); backward is the transposed conv."""
+    """2-D convolution with zero padding, x (B, C, H, W) → y (B, C', H', W'); backward is the transposed conv.
+
+    ``module``: an ``nn.Conv2d`` or a stand-in with its ``weight``, ``bias``, ``stride``, ``padding``, ``dilation``,
+    ``groups`` and ``padding_mode`` (the kernel size is the weight's).
+    """
 
     module_types = (nn.Conv2d,)
     mixing = True
@@ -164,9 +176,10 @@ class Conv2dBound(BoundOp):
         flat = A.reshape(batch * specs, channels, height * width)
         if m.groups == 1 and weight[0].numel() <= channels:
             columns = weight.flatten(1).t() @ flat  # (N, C_in·kh·kw, H'·W')
-            A_in = F.fold(columns, (in_h, in_w), m.kernel_size, m.dilation, m.padding, m.stride)
+            A_in = F.fold(columns, (in_h, in_w), weight.shape[-2:], m.dilation, m.padding, m.stride)
         else:
-            out_pad = _output_padding((in_h, in_w), (height, width), m.kernel_size, m.stride, m.padding, m.dilation)
+            out_pad = _output_padding((in_h, in_w), (height, width), weight.shape[-2:], m.stride, m.padding,
+                                      m.dilation)
             A_in = F.conv_transpose2d(flat.view(-1, channels, height, width), weight, None, m.stride, m.padding,
                                       out_pad, m.groups, m.dilation)
         bias = _param(m, "bias", A)
@@ -179,7 +192,7 @@ class Conv2dBound(BoundOp):
         batch, specs = A.pixel.shape
         weight = _param(m, "weight", A.values)
         transpose = partial(F.conv_transpose2d, weight=weight, stride=m.stride, groups=m.groups, dilation=m.dilation)
-        (kh, kw), (sh, sw), (dh, dw), (rows, cols) = A.kernel, m.stride, m.dilation, m.kernel_size
+        (kh, kw), (sh, sw), (dh, dw), (rows, cols) = A.kernel, m.stride, m.dilation, weight.shape[-2:]
         window = A.values.shape[2:]
         image = weight.shape[1] * m.groups * ((kh - 1) * sh + dh * (rows - 1) + 1) \
             * ((kw - 1) * sw + dw * (cols - 1) + 1)
@@ -205,9 +218,9 @@ class Conv2dBound(BoundOp):
         if m.groups != 1:
             raise NotImplementedError
         in_h, in_w = x[0].shape[-2:]
-        (kh, kw), (dh, dw) = m.kernel_size, m.dilation
+        (kh, kw), (dh, dw) = weight.shape[-2:], m.dilation
         out_h, out_w = (conv_out(i, k, s, p, d) for i, k, s, p, d in
-                        zip((in_h, in_w), m.kernel_size, m.stride, m.padding, m.dilation))
+                        zip((in_h, in_w), (kh, kw), m.stride, m.padding, m.dilation))
         if (dh, dw) != (1, 1):
             dilated = weight.new_zeros(*weight.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
             dilated[..., ::dh, ::dw] = weight
@@ -304,48 +317,52 @@ class IdentityBound(BoundOp):
     patch_backward = backward
 
 
-@BOUND_OPS.register("Flatten")
-class FlattenBound(BoundOp):
-    """``nn.Flatten`` of every dimension after the batch one."""
-
-    module_types = (nn.Flatten,)
-
-    def __init__(self, module: nn.Flatten) -> None:
-        super().__init__(module)
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise ValueError("only Flatten(start_dim=1, end_dim=-1)")
-
-    def interval(self, x: Interval) -> Interval:
-        return x[0].flatten(1), x[1].flatten(1)
-
-    def backward(self, A, x: Interval):
-        return [A.reshape(*A.shape[:2], *x[0].shape[1:])], 0.0
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """A 2-D size or step as ``(rows, columns)``, from one number or a sequence of one or two."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    return (values[0], values[0]) if len(values) == 1 else values
 
 
 @BOUND_OPS.register("AvgPool2d")
 class AvgPoolBound(BoundOp):
-    """Average pooling (``AvgPool2d`` with zero-padding counted, or ``AdaptiveAvgPool2d`` on divisible sizes)."""
+    """Average pooling: ``AvgPool2d`` / ``F.avg_pool2d`` with zero-padding counted, or ``AdaptiveAvgPool2d`` /
+    ``F.adaptive_avg_pool2d`` (given ``output_size``) on sizes it divides evenly (then a uniform pooling)."""
 
     module_types = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
     mixing = True
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
-        if isinstance(module, nn.AvgPool2d) and (module.ceil_mode or not module.count_include_pad
-                                                 or module.divisor_override):
-            raise ValueError("only AvgPool2d with ceil_mode=False, count_include_pad=True and no divisor_override")
+    def __init__(self, kernel_size=None, stride=None, padding=0, *, output_size=None, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override: int | None = None, kind: str = "AvgPool2d"):
+        super().__init__()
+        if ceil_mode or not count_include_pad or divisor_override:
+            raise ValueError(f"only {kind} with ceil_mode=False, count_include_pad=True and no divisor_override")
+        self.kind = kind  # the layer type or function, for error messages
+        self.output_size = None if output_size is None else pair(output_size)
+        if output_size is None:
+            self.kernel = pair(kernel_size)
+            self.stride = pair(stride) if stride is not None and stride != [] else self.kernel
+            self.padding = pair(padding)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> AvgPoolBound:
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            op = cls(output_size=module.output_size, kind=type(module).__name__)
+        else:
+            op = cls(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode,
+                     count_include_pad=module.count_include_pad, divisor_override=module.divisor_override,
+                     kind=type(module).__name__)
+        op.module = module
+        return op
 
     def _geometry(self, size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        m = self.module
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            out = [s if o is None else o for o, s in zip(pair(m.output_size), size)]
-            if any(s % o for s, o in zip(size, out)):
-                raise UserError(f"cannot bound layer {self.name!r} (AdaptiveAvgPool2d): from {tuple(size)} to "
-                                f"{tuple(out)} it is not a uniform pooling")
-            kernel = tuple(s // o for s, o in zip(size, out))
-            return kernel, kernel, (0, 0)
-        return pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size), pair(m.padding)
+        if self.output_size is None:
+            return self.kernel, self.stride, self.padding
+        out = [s if o is None else o for o, s in zip(self.output_size, size)]
+        if any(s % o for s, o in zip(size, out)):
+            raise UserError(f"cannot bound layer {self.name!r} ({self.kind}): from {tuple(size)} to "
+                            f"{tuple(out)} it is not a uniform pooling")
+        kernel = tuple(s // o for s, o in zip(size, out))
+        return kernel, kernel, (0, 0)
 
     def interval(self, x: Interval) -> Interval:
         kernel, stride, padding = self._geometry(x[0].shape[-2:])
@@ -360,21 +377,3 @@ class AvgPoolBound(BoundOp):
         A_in = F.conv_transpose2d(A.reshape(batch * specs, channels, height, width), weight, None, stride, padding,
                                   out_pad, groups=channels)
         return [A_in.view(batch, specs, *A_in.shape[1:])], 0.0
-
-
-@BOUND_OPS.register("Add")
-class AddBound(BoundOp):
-    """The sum of two branches of a residual block (not a module: the graph builder inserts it).
-
-    Counted as mixing: the interval of a sum of two separately bounded paths is not exact even when both are affine.
-    """
-
-    mixing = True
-
-    def interval(self, x: Interval, y: Interval) -> Interval:
-        return x[0] + y[0], x[1] + y[1]
-
-    def backward(self, A, x=None, y=None):
-        return [A, A], 0.0
-
-    patch_backward = backward
