@@ -331,7 +331,7 @@ def compress(net: nn.Module, train: Split | tuple, test: Split | tuple, *, objec
     splits = [s if isinstance(s, Split) else Split(*s) for s in (train, test)]
     data = Dataset("custom", splits[0], splits[1], int(max(int(s.y.max()) for s in splits)) + 1)
     overrides = [f"objective.name={objective}", f"threat.eps={eps}", f"threat.norm={norm}",
-                 f"prune.compression={compression}", "pretrain.epochs=0", "name=compress"]
+                 f"prune.compression={compression}", "pretrain.epochs=0", "name=compress", "data.name=given"]
     overrides += [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items()]
     out = Path(out) if out is not None else Path("runs") / f"compress-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run(load_config(None, overrides), out, quiet=quiet, log=log, model=net, data=data)

@@ -14,6 +14,7 @@ from torch import nn
 
 from robustprune.bounds import build_graph
 from robustprune.config import Config, ObjectiveConfig, ThreatConfig
+from robustprune.config.schema import GIVEN_DATA
 from robustprune.data import Dataset, hold_out, load_dataset
 from robustprune.export.external import import_weights
 from robustprune.infra.errors import UserError
@@ -66,6 +67,9 @@ def check_boundable(cfg: Config, model: nn.Module) -> None:
 def load_data(cfg: Config) -> Dataset:
     """The dataset, with ``data.val_fraction`` of the training images held out of training; evaluation then reports
     on them instead of the test images when ``evaluate.split`` is ``val`` (choosing settings never sees the test)."""
+    if cfg.data.name == GIVEN_DATA:
+        raise UserError("data.name: given means data handed over in Python (run(cfg, out, data=...)); name a "
+                        "registered dataset here")
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
     if cfg.data.val_fraction == 0:
         return data

@@ -132,6 +132,7 @@ def test_a_network_handed_over_in_python_is_compressed_and_left_untouched(user_m
                                          out=tmp_path / "run")
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert report["stages"]["pretrained"]["compression"] == 1.0  # no pre-training: the given weights
+    assert report["config"]["data"]["name"] == "given" and "Data `given`" in (tmp_path / "run" / "report.md").read_text()
     assert report["stages"]["finetuned"]["compression"] == pytest.approx(4, rel=0.02)
     nonzero = sum(int((m.weight != 0).sum()) for m in (small.conv, small.fc1, small.fc2, small.head))
     total = sum(m.weight.numel() for m in (small.conv, small.fc1, small.fc2, small.head))

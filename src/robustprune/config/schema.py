@@ -35,9 +35,13 @@ def _show(value: Any) -> str:
     return _REPR.repr(value)
 
 
+#: ``data.name`` of a run whose data were handed over in Python (``run(..., data=)``, ``compress``).
+GIVEN_DATA = "given"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # a registered dataset (robustprune list datasets)
+    name: str = "digits"  # a registered dataset (robustprune list datasets); "given": handed over in Python
     root: str | None = None  # data root; default $ROBUSTPRUNE_DATA, else ~/.cache/robustprune
     path: str | None = None  # a file, for datasets read from one file (npz)
     batch_size: int = 64
@@ -305,7 +309,8 @@ class Config:
         _check(self.threads is None or 1 <= self.threads <= 4096, f"threads must be 1..4096, got {self.threads}")
         _check(self.precision in ("fp32", "bf16", "fp16"),
                f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        _registered(DATASETS, self.data.name, "data.name")
+        if self.data.name != GIVEN_DATA:
+            _registered(DATASETS, self.data.name, "data.name")
         _check(self.evaluate.split == "test" or self.data.val_fraction > 0,
                "evaluate.split: val needs data.val_fraction > 0 (the images held out of training)")
 
