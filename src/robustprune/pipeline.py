@@ -155,9 +155,10 @@ STAGES: tuple[Stage, ...] = (Stage("pretrain", "pretrained", _pretrain_stage), S
                              Stage("finetune", "finetuned", _finetune_stage))
 
 
-def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
-        log: Log = print, model: nn.Module | None = None, data: Dataset | None = None) -> dict:
-    """The whole pipeline into the run folder ``out``; returns the report (also written as report.json/.md).
+def run(cfg: Config, out: str | Path | None = None, *, force: bool = False, resume: bool = False,
+        quiet: bool = False, log: Log = print, model: nn.Module | None = None, data: Dataset | None = None) -> dict:
+    """The whole pipeline into the run folder ``out`` (default ``runs/<config name>-<time>``); returns the report
+    (also written as report.json/.md).
 
     ``model``: the user's network instead of ``cfg.model`` (a copy is compressed; the argument is left as it is);
     ``data``: a ``Dataset`` instead of ``cfg.data``'s. The compressed model is ``load(out / report["artifacts"]
@@ -167,7 +168,7 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     run in ``out`` from it and ends with the metrics an uninterrupted run would have had. The folder is locked for
     the whole run (``outdir``): a second writer is refused at once.
     """
-    out = Path(out)
+    out = Path(out) if out is not None else outdir.default_run_folder(cfg.name)
     device = resolve_device(cfg.device)
     outdir.check_folder(out, outdir.RUN, force=force, resume=resume)  # before any work: a bad --out fails at once
     data = load_data(cfg) if data is None else data  # before the folder exists: missing data leaves nothing behind
@@ -333,6 +334,6 @@ def compress(net: nn.Module, train: Split | tuple, test: Split | tuple, *, objec
     overrides = [f"objective.name={objective}", f"threat.eps={eps}", f"threat.norm={norm}",
                  f"prune.compression={compression}", "pretrain.epochs=0", "name=compress", "data.name=given"]
     overrides += [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items()]
-    out = Path(out) if out is not None else Path("runs") / f"compress-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out is not None else outdir.default_run_folder("compress")
     report = run(load_config(None, overrides), out, quiet=quiet, log=log, model=net, data=data)
     return load(out / report["artifacts"]["checkpoint"], model=net), report

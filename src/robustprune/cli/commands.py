@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +30,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config or stored, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    default = Path("runs") / f"{outdir.folder_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.out) if args.out else default
+    out = Path(args.out) if args.out else outdir.default_run_folder(cfg.name)
     from robustprune.infra import distributed
 
     run(cfg, out, force=args.force, resume=args.resume, quiet=args.quiet)

@@ -47,6 +47,11 @@ def folder_name(name: str) -> str:
     return safe or "unnamed"
 
 
+def default_run_folder(name: str) -> Path:
+    """``runs/<config name>-<YYYYmmdd-HHMMSS>``: where a run goes when no ``--out`` is given."""
+    return Path("runs") / f"{folder_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 # ------------------------------------------------------------------------------------------------------- probe
 
 
