@@ -105,7 +105,7 @@ def _run_sweep(cfg: Config, out: Path, todo: list[Point], pretrain: list[str], d
     result = finite({"robustprune_version": __version__, "config": cfg.to_dict(),
                      "threat": {"norm": cfg.threat.norm, "eps": cfg.threat.eps},
                      "dense": {name: d["metrics"] for name, d in dense.items()}, "points": records})
-    result["plots"] = [str(p) for p in sweep_plots(result, out / "plots")]
+    result["plots"] = [p.relative_to(out).as_posix() for p in sweep_plots(result, out / "plots")]  # portable
     write_json(out / "sweep.json", result)
     write_text(out / "sweep.md", render_sweep(result, out))
     return result

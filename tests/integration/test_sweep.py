@@ -45,6 +45,7 @@ def test_a_sweep_writes_records_tables_and_plots(tiny_sweep):
     assert "Pre-trained with `benign`" in table and "| 4× |" in table and "![accuracy.png](plots/accuracy.png)" in table
     for name in ("accuracy.png", "retention.png"):
         assert_png(out / "plots" / name)
+    assert stored["plots"] == ["plots/accuracy.png", "plots/retention.png"]  # relative to the sweep folder
     assert (out / "pretrained-benign.safetensors").is_file() and (out / "pretrained-pgd.safetensors").is_file()
 
 

@@ -13,8 +13,6 @@ from robustprune.infra import outdir
 from robustprune.infra.errors import UserError
 from robustprune.train import FitOptions
 
-# ------------------------------------------------------------------------------------------------ commands
-
 
 def cmd_run(args: argparse.Namespace) -> None:
     from robustprune.pipeline import run

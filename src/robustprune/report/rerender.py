@@ -33,10 +33,10 @@ def _rerender_sweep(data: dict, folder: Path) -> list[Path]:
     from robustprune.report.plots import sweep_plots  # matplotlib only when plots are drawn: the CLI starts faster
 
     render_sweep(data, folder)
-    data["plots"] = [str(p) for p in sweep_plots(data, folder / "plots")]
+    data["plots"] = [p.relative_to(folder).as_posix() for p in sweep_plots(data, folder / "plots")]
     write_json(folder / "sweep.json", data)
     write_text(folder / "sweep.md", render_sweep(data, folder))
-    return [folder / "sweep.md", *map(Path, data["plots"])]
+    return [folder / "sweep.md", *(folder / p for p in data["plots"])]
 
 
 def _rerender_run(report: dict, folder: Path) -> list[Path]:
