@@ -156,3 +156,19 @@ def test_a_corrupt_journal_is_a_one_line_error(tmp_path):
     resumed = robustprune(["run", "--resume", "--out", str(out)])
     assert resumed.returncode == 2
     assert "unreadable resume journal" in resumed.stderr and "Traceback" not in resumed.stderr
+
+
+def test_a_run_killed_under_the_union_config_resumes_to_identical_metrics(tmp_path, reference):
+    """Before objectives owned their settings, config.yaml listed every objective's settings in its objective
+    section. A run interrupted then resumes (the other objectives' keys are dropped) to the same metrics."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert robustprune(run_args(out), kill=("step", 60)).returncode == -9
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    stored["objective"].update(kappa_start=1.0, kappa_end=0.5, beta_start=1.0, beta_end=0.0, trades_beta=6.0,
+                               mart_lambda=5.0, noise_sd=0.25)  # the union-era section, as that version wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    resumed = robustprune(["run", "--resume", "--out", str(out), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(outcome(out), reference)

@@ -89,7 +89,7 @@ def test_a_new_objective_trains_through_fit_and_is_configured_by_its_own_keys(ti
                                                                               "smoothing": 0.2}
         with pytest.raises(UserError, match="objective.smoothing must lie in"):
             load_config(None, ["objective.name=label-smoothing", "objective.smoothing=1"])
-        with pytest.raises(UserError, match="'objective.steps' is not a setting of objective label-smoothing"):
+        with pytest.raises(UserError, match="'objective.steps' is a setting of objective mart, pgd, trades, not of label-smoothing"):
             load_config(None, ["objective.name=label-smoothing", "objective.steps=3"])
         torch.manual_seed(0)
         model = create_model("mlp", (1, 6, 6), 3)

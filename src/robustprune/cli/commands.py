@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from robustprune.config import Config, load_config
+from robustprune.config import Config, load_config, read_yaml
 from robustprune.infra import outdir
 from robustprune.infra.errors import UserError
 from robustprune.train import FitOptions
@@ -25,7 +25,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         stored = Path(args.out) / "config.yaml"
         if not stored.is_file():
             raise UserError(f"--resume: {args.out} is not a run folder (no config.yaml)")
-        cfg = load_config(args.config or stored, args.overrides)
+        # the folder's own config.yaml is read as stored (settings of other objectives, from before objectives
+        # owned their settings, dropped); a -c file given instead is the user's, checked as such
+        cfg = load_config(args.config, args.overrides, base=None if args.config else read_yaml(stored))
     else:
         cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else outdir.default_run_folder(cfg.name)

@@ -105,6 +105,7 @@ class ObjectiveConfig:
         name = values.get("name", cls.name)
         _check(isinstance(name, str), f"{prefix}name must be a string, got {_show(name)}")
         settings_cls = _registered(OBJECTIVES, name, prefix + "name").Settings
+        _refuse_foreign_settings(values, name, prefix)
         common = build(cls, {k: v for k, v in values.items() if k in ("name", "eps")}, prefix)
         settings = build(settings_cls, {k: v for k, v in values.items() if k not in ("name", "eps")}, prefix,
                          f"objective {name}")
@@ -121,6 +122,17 @@ def own_settings(section: dict[str, Any], name: str) -> dict[str, Any]:
         return dict(section)
     names = {"name", "eps"} | {f.name for f in dataclasses.fields(OBJECTIVES.get(name).Settings)}
     return {k: v for k, v in section.items() if k in names}
+
+
+def _refuse_foreign_settings(values: dict[str, Any], name: str, prefix: str) -> None:
+    """A key that is another objective's setting gets a message saying whose (not a "did you mean")."""
+    own = {f.name for f in dataclasses.fields(OBJECTIVES.get(name).Settings)} | {"name", "eps"}
+    for key in values:
+        owners = [o for o in OBJECTIVES.names() if o != name and key in
+                  {f.name for f in dataclasses.fields(OBJECTIVES.get(o).Settings)}]
+        if key not in own and owners:
+            raise UserError(f"'{prefix}{key}' is a setting of objective {', '.join(owners)}, not of {name} (its "
+                            f"settings: {', '.join(sorted(own - {'name', 'eps'})) or 'none'})")
 
 
 def shared_settings(settings: Any, target: type) -> Any:
