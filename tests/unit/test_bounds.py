@@ -378,6 +378,23 @@ def test_bounds_contain_outputs_at_sampled_and_attacked_points(name):
         assert_inside(margins, margin_lb, torch.full_like(margin_lb, float("inf")), f"{name}/{method} margins")
 
 
+@pytest.mark.parametrize("name", NETWORKS)
+def test_alpha_crown_contains_the_outputs_and_is_never_looser_than_crown(name):
+    """α-CROWN on every bound class: sampled and attacked outputs inside its bounds, which lie inside CROWN's."""
+    model, x = make_network(name)
+    eps, y = 0.08, torch.tensor([0, 3])
+    torch.manual_seed(1)
+    points = torch.cat([ball_points(x, eps), logit_extreme_attack(model, x, eps), ce_attack_points(model, x, eps)])
+    logits = outputs_at(model, points)
+    lb, ub = compute_bounds(model, x, eps, "alpha-crown")
+    crown_lb, crown_ub = compute_bounds(model, x, eps, "crown")
+    assert_inside(logits, lb, ub, f"{name}/alpha-crown logits")
+    assert torch.all(lb >= crown_lb - 1e-12) and torch.all(ub <= crown_ub + 1e-12)
+    margin_lb = margin_lower_bounds(model, x, y, eps, "alpha-crown")
+    assert_inside(margins_of(logits, y), margin_lb, torch.full_like(margin_lb, float("inf")), f"{name} margins")
+    assert torch.all(margin_lb >= margin_lower_bounds(model, x, y, eps, "crown") - 1e-12)
+
+
 @pytest.mark.parametrize("name", ["linear", "conv2d", "batchnorm", "maxpool", "avgpool",
                                   "residual-conv-shortcut", "residual-identity-shortcut", "residual-first"])
 @pytest.mark.parametrize("intermediate", ["ibp", "crown"])
@@ -768,8 +785,10 @@ def test_models_without_class_logits_are_refused():
                        0.1, "crown")
 
 
-def test_verifier_registry_names_the_three_methods():
-    assert set(VERIFIERS.names()) == set(METHODS)
+def test_verifier_registry_names_the_methods():
+    """The three of METHODS, tested everywhere above, and α-CROWN (its own sampling test above, the exact MILP in
+    test_bounds_milp.py)."""
+    assert set(VERIFIERS.names()) == {*METHODS, "alpha-crown"}
 
 
 # ----------------------------------------------------------------------------------------------- 9. differentiability

@@ -21,7 +21,7 @@ from robustprune.pruning import prune
 
 optimize = pytest.importorskip("scipy.optimize")
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 SOUND_TOL = 1e-7  # the MILP optimum is exact up to the solver's feasibility tolerances
 
 
@@ -218,3 +218,13 @@ def test_crown_is_closer_to_the_exact_minimum_than_ibp_on_average():
     pruned = solve_case("pruned")["model"]
     assert any(float((m.weight == 0).float().mean()) > 0.5 for m in pruned if isinstance(m, nn.Linear)), \
         "test setup: the pruned case should have masked weights"
+
+
+def test_alpha_crown_is_never_looser_than_crown_and_closer_to_the_exact_minimum_on_average():
+    """Any lower slope in [0, 1] is sound; α-CROWN starts from CROWN's and keeps the best bound per margin."""
+    results = [solve_case(case) for case in CASES]
+    for r in results:
+        assert np.all(r["bounds"]["alpha-crown"] >= r["bounds"]["crown"] - 1e-12)
+    gap = {m: float(np.mean([np.mean(r["exact"] - r["bounds"][m]) for r in results])) for m in ("crown", "alpha-crown")}
+    print(f"mean gap exact - bound: {gap}")
+    assert gap["alpha-crown"] < gap["crown"], f"alpha-crown is not tighter than crown on average: {gap}"

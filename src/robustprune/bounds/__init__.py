@@ -1,7 +1,8 @@
 """Sound bounds of a network's outputs over the L∞ ball ∩ [0, 1], and verification of robustness from them.
 
-Three methods, registered in ``VERIFIERS``: ``ibp`` (interval propagation), ``crown-ibp`` (CROWN's backward bounds
-on the output with IBP intermediate bounds) and ``crown`` (CROWN everywhere). Any model whose ``forward`` traces
+Four methods, registered in ``VERIFIERS``: ``ibp`` (interval propagation), ``crown-ibp`` (CROWN's backward bounds
+on the output with IBP intermediate bounds), ``crown`` (CROWN everywhere) and ``alpha-crown`` (CROWN with optimised
+lower ReLU slopes, ``alpha.py``). Any model whose ``forward`` traces
 (``torch.fx``) into layers and functions with bound classes is bounded (``trace.py``). Pruning masks are honoured:
 bound classes read ``module.weight``, the masked weight.
 """
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from robustprune.bounds import maxpool, relu, shape  # noqa: F401  (register their bound classes)
+from robustprune.bounds.alpha import alpha_lower_bounds
 from robustprune.bounds.graph import Graph
 from robustprune.bounds.ops import BOUND_OPS, BoundOp, Interval
 from robustprune.bounds.propagate import backward_bound, concretize, crown_bounds, input_box, interval_pass
@@ -21,7 +23,7 @@ from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
 VERIFIERS: Registry[str] = Registry("verifier")
-for _name, _intermediate in (("ibp", None), ("crown-ibp", "ibp"), ("crown", "crown")):
+for _name, _intermediate in (("ibp", None), ("crown-ibp", "ibp"), ("crown", "crown"), ("alpha-crown", "alpha")):
     VERIFIERS.register(_name)(_intermediate)
 
 
@@ -35,6 +37,8 @@ def spec_lower_bounds(graph: Graph, box: Interval, spec: torch.Tensor, method: s
     intervals.
     """
     intermediate = VERIFIERS.get(method)
+    if intermediate == "alpha":
+        return alpha_lower_bounds(graph, box, spec)
     last = graph.nodes[graph.output]
     if intermediate == "crown":
         bounds = crown_bounds(graph, box, "crown", stop=graph.output - 1)

@@ -47,7 +47,7 @@ def backward_bound(graph: Graph, start: int, A: torch.Tensor, bounds: dict[int, 
     chunk = _chunk(A.shape[0], bounds, start)
     if A.shape[1] > chunk:
         return torch.cat([backward_bound(graph, start, part, bounds) for part in A.split(chunk, dim=1)], dim=1)
-    return _backward(graph, {start: A}, A.new_zeros(A.shape[:2]), bounds, start)[0]
+    return backward_pass(graph, {start: A}, A.new_zeros(A.shape[:2]), bounds, start)[0]
 
 
 def _chunk(batch: int, bounds: dict[int, Interval], start: int) -> int:
@@ -60,7 +60,7 @@ def _widest(bounds: dict[int, Interval], start: int) -> int:
     return max(b[0][0].numel() for i, b in bounds.items() if i <= start)
 
 
-def _backward(graph: Graph, pending: dict[int, torch.Tensor | Patches], constant: torch.Tensor,
+def backward_pass(graph: Graph, pending: dict[int, torch.Tensor | Patches], constant: torch.Tensor,
               bounds: dict[int, Interval], start: int) -> tuple[torch.Tensor, int]:
     """The lower bounds of the pending coefficients' sum, and the widest coefficients per specification held."""
     width = 0
@@ -140,7 +140,7 @@ def _unit_pass(graph: Graph, index: int, positions: torch.Tensor, bounds: dict[i
             spec.scatter_(2, positions.unsqueeze(2), 1.0)
             spec = spec.view(*positions.shape, *lower.shape[1:])
             return backward_bound(graph, index, torch.cat([spec, -spec], 1), bounds), _widest(bounds, index)
-    return _backward(graph, {node.inputs[0]: A_in}, torch.cat([bias, -bias], 1), bounds, index - 1)
+    return backward_pass(graph, {node.inputs[0]: A_in}, torch.cat([bias, -bias], 1), bounds, index - 1)
 
 
 def crown_tighten(graph: Graph, index: int, bounds: dict[int, Interval]) -> Interval:

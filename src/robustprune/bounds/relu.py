@@ -32,16 +32,30 @@ class ReLUBound(BoundOp):
 
     module_types = (nn.ReLU,)
     nonlinear = True
+    alpha: torch.Tensor | None = None  # α-CROWN's lower slopes (B, S, *shape), set during its passes only
 
     def interval(self, x: Interval) -> Interval:
         return x[0].clamp(min=0), x[1].clamp(min=0)
 
     def backward(self, A: torch.Tensor, x: Interval):
         lower_slope, upper_slope, upper_intercept = relaxation(*x)
+        if self.alpha is not None:
+            return self._alpha_backward(A, x, lower_slope, upper_slope, upper_intercept)
         A_in, negative = _split_by_sign(A, lower_slope.unsqueeze(1), upper_slope.unsqueeze(1))
         return [A_in], dot(negative, upper_intercept)
 
+    def _alpha_backward(self, A: torch.Tensor, x: Interval, lower_slope: torch.Tensor, upper_slope: torch.Tensor,
+                        upper_intercept: torch.Tensor):
+        """``backward`` with the unstable neurons' lower slopes taken from ``alpha`` (any value in [0, 1] is sound);
+        out of place, so autograd reaches the slopes."""
+        unstable = ((x[0] < 0) & (x[1] > 0)).unsqueeze(1)
+        lower = torch.where(unstable, self.alpha.clamp(0, 1), lower_slope.unsqueeze(1))
+        negative = A.clamp(max=0)
+        return [A.clamp(min=0) * lower + negative * upper_slope.unsqueeze(1)], dot(negative, upper_intercept)
+
     def patch_backward(self, A: Patches, x: Interval):
+        if self.alpha is not None:  # α-CROWN's passes are dense (the slopes are one per specification and neuron)
+            raise NotImplementedError
         lower_slope, upper_slope, upper_intercept = A.gather(torch.cat(relaxation(*x), 1)).chunk(3, dim=2)
         values, negative = _split_by_sign(A.values, lower_slope, upper_slope)
         return [A.replace(values)], sum_rest(negative * upper_intercept)
