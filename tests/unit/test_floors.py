@@ -17,7 +17,7 @@ FLOORS: list[set[str]] = [
     {"sweep"},                          # many runs: orchestration
     {"pipeline"},                       # one run: the stage table
     {"report"},                         # rendering: report.json / .md, sweep.md, plots
-    {"train", "evaluate", "prepare"},   # the training loop; evaluation; a run's inputs, checked
+    {"train", "evaluate", "prepare", "verification"},  # training; evaluation; a run's inputs; verdicts
     {"export"},                         # checkpoints and their formats
     {"config"},                         # the user's settings, checked against the registries below
     {"objectives"},                     # training losses (use attacks and bounds)

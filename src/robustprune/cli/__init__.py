@@ -10,7 +10,7 @@ from typing import Sequence
 
 from robustprune.cli.commands import (
     cmd_download, cmd_evaluate, cmd_export, cmd_finetune, cmd_import, cmd_inspect, cmd_list, cmd_prune,
-    cmd_report, cmd_run, cmd_sweep, cmd_train,
+    cmd_report, cmd_run, cmd_sweep, cmd_train, cmd_verify,
 )
 from robustprune.cli.parser import LIST_KINDS, build_parser
 from robustprune.infra.allocator import keep_freed_memory
@@ -20,7 +20,7 @@ from robustprune.models import trust_factory
 COMMANDS = {"run": cmd_run, "train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune,
             "evaluate": cmd_evaluate, "export": cmd_export, "inspect": cmd_inspect,
             "sweep": cmd_sweep, "report": cmd_report, "import": cmd_import, "download": cmd_download,
-            "list": cmd_list}
+            "list": cmd_list, "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

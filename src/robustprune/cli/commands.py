@@ -145,6 +145,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            "warnings": [f"{meta.get('stage', 'model')}: {w}" for w in metrics["warnings"]]}))
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from robustprune import verification
+    from robustprune.bounds import VERIFIERS
+    from robustprune.export import load, read_metadata
+    from robustprune.infra.fileio import write_json
+
+    VERIFIERS.get(args.method)  # a misspelt method: one line with "did you mean", before anything runs
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    cfg = _checkpoint_config(args, read_metadata(args.checkpoint))
+    if cfg.threat.norm != "linf":
+        raise UserError(f"the verifiers bound the L∞ ball; threat.norm is {cfg.threat.norm}")
+    with contextlib.ExitStack() as held:
+        out = held.enter_context(_out_file(args.out, args.force)) if args.out else None
+        pipeline, data, _, device = _stage_setup(cfg)
+        model = load(args.checkpoint, device).double()
+        n = min(len(data.test), args.n or cfg.evaluate.n_samples or len(data.test))
+        x, y = data.test.x[:n].to(device).double(), data.test.y[:n].to(device)
+        result = verification.summary(verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed),
+                                      args.method, cfg.threat.eps)
+        if out is not None:
+            write_json(out, result)
+    print(json.dumps(result, indent=2) if args.json else verification.table(result))
+
+
 def _names(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 

@@ -86,6 +86,15 @@ def _add_pipeline_commands(sub) -> None:
                                      "(robustprune list attacks; same as --set evaluate.attacks=[...])")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    p = sub.add_parser("verify", help="per image: verified, falsified (a checked counter-example) or unknown")
+    p.add_argument("checkpoint")
+    _add_config_args(p)
+    p.add_argument("--method", default="crown", help="verifier (robustprune list verifiers), default crown")
+    p.add_argument("--n", type=int, help="the first n evaluated images (default evaluate.n_samples, else all)")
+    p.add_argument("--json", action="store_true", help="print the summary and the per-image verdicts as JSON")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+
     p = sub.add_parser("sweep", help="accuracy against compression for objective pairs and rules (resumable)")
     _add_config_args(p)
     p.add_argument("--compression", required=True, help="comma-separated compressions, e.g. 1,2,5,10,20,50,100")

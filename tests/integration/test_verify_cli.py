@@ -1,0 +1,66 @@
+"""``robustprune verify``: every image verified, falsified (a re-checked counter-example) or unknown; a verified
+image is never broken by an attack, α-CROWN verifies at least what CROWN does; bad input is one line, exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustprune.attacks import pgd
+from robustprune.cli import main
+from robustprune.data import load_dataset
+from robustprune.export import load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EPS = ["--set", "threat.eps=0.05"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("verify") / "model.safetensors"
+    args = ["train", "--out", str(path), "--quiet", "--set", "pretrain.epochs=8", "--set", "objective.name=ibp",
+            "--set", "pretrain.eps_warmup_epochs=4", *EPS]
+    assert main(args) == 0
+    return path
+
+
+def verdicts(checkpoint, tmp_path, capsys, method: str) -> dict:
+    out = tmp_path / f"{method}.json"
+    capsys.readouterr()
+    assert main(["verify", str(checkpoint), "--method", method, "--n", "40", "--out", str(out), *EPS]) == 0
+    assert f"| {method} | 0.05 | 40 |" in capsys.readouterr().out
+    return json.loads(out.read_text())
+
+
+def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
+    model = load(checkpoint).double()
+    test = load_dataset("digits").test
+    crown, alpha = (verdicts(checkpoint, tmp_path, capsys, m) for m in ("crown", "alpha-crown"))
+    for result in (crown, alpha):
+        assert result["verified"] + result["falsified"] + result["unknown"] == 40 == len(result["images"])
+        assert result["verified"] > 0 and result["median_s"] <= result["worst_s"]
+        for image in result["images"]:
+            x, y = test.x[image["index"]:image["index"] + 1].double(), test.y[image["index"]:image["index"] + 1]
+            if image["verdict"] == "verified":  # no attack breaks a verified image
+                torch.manual_seed(0)
+                point = pgd(model, x, y, 0.05, 50, restarts=3, loss="margin")
+                assert int(model(point).argmax(1)[0]) == int(y)
+            if image["verdict"] == "falsified":
+                assert image["counterexample_label"] != image["label"]
+    assert alpha["verified"] >= crown["verified"]
+    assert {i["index"] for i in crown["images"] if i["verdict"] == "verified"} <= \
+           {i["index"] for i in alpha["images"] if i["verdict"] == "verified"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "alfa-crown"], "did you mean 'alpha-crown'"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--set", "threat.norm=l2"], "the verifiers bound the L∞ ball"),
+])
+def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, args, message):
+    out = tmp_path / "v.json"
+    capsys.readouterr()
+    assert main(["verify", str(checkpoint), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
