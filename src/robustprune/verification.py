@@ -3,7 +3,7 @@ concrete point of the ball ∩ [0, 1] that the model misclassifies, re-checked b
 (neither, within the method and the time limit). ``robustprune verify`` prints them as a table and writes JSON.
 
 Incomplete verifiers (IBP, CROWN, α-CROWN) prove or give up; a margin-loss PGD with restarts then looks for a
-counter-example. A falsified image is never also verified: that would be an unsound bound, and raises.
+counter-example. ``bab`` (``bounds/bab.py``) searches first, then branches on ReLU splits until proved or timed out. A falsified image is never also verified: that would be an unsound bound, and raises.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from robustprune.attacks import pgd
 from robustprune.bounds import verify
+from robustprune.bounds.bab import branch_and_bound
 
 VERDICTS = ("verified", "falsified", "unknown")
 FALSIFY_STEPS, FALSIFY_RESTARTS = 100, 5  # the counter-example search on an image no verifier proved
@@ -30,17 +31,27 @@ class Verdict:
     counterexample_label: int | None = None  # the class the falsifying point is given
 
 
-def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str,
-             seed: int = 0) -> list[Verdict]:
-    """One verdict per image (one at a time, so each image's time is its own)."""
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "bab")
+
+
+def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int = 0,
+             timeout: float = 30.0) -> list[Verdict]:
+    """One verdict per image (one at a time, so each image's time is its own). ``bab`` tries α-CROWN, then looks for a
+    counter-example, then branches for at most ``timeout`` seconds; the others bound once, then search."""
     model.eval()
     results = []
     for index in range(len(x)):
         torch.manual_seed(seed + index)
         started = time.perf_counter()
         image, label = x[index:index + 1], y[index:index + 1]
-        proved = bool(verify(model, image, label, eps, method)[0])
-        found = None if proved else _counterexample(model, image, label, eps)
+        if method == "bab":  # α-CROWN on the whole ball first; a counter-example; then the branches
+            proved, found = bool(verify(model, image, label, eps, "alpha-crown")[0]), None
+            if not proved:
+                found = _counterexample(model, image, label, eps)
+                proved = found is None and branch_and_bound(model, image, label, eps, timeout).verified
+        else:
+            proved = bool(verify(model, image, label, eps, method)[0])
+            found = None if proved else _counterexample(model, image, label, eps)
         verdict = "verified" if proved else "falsified" if found is not None else "unknown"
         results.append(Verdict(index, verdict, time.perf_counter() - started, int(label), found))
     return results

@@ -28,7 +28,8 @@ def checkpoint(tmp_path_factory):
 def verdicts(checkpoint, tmp_path, capsys, method: str) -> dict:
     out = tmp_path / f"{method}.json"
     capsys.readouterr()
-    assert main(["verify", str(checkpoint), "--method", method, "--n", "40", "--out", str(out), *EPS]) == 0
+    args = ["verify", str(checkpoint), "--method", method, "--n", "40", "--out", str(out), "--timeout", "5", *EPS]
+    assert main(args) == 0
     assert f"| {method} | 0.05 | 40 |" in capsys.readouterr().out
     return json.loads(out.read_text())
 
@@ -36,8 +37,8 @@ def verdicts(checkpoint, tmp_path, capsys, method: str) -> dict:
 def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
     model = load(checkpoint).double()
     test = load_dataset("digits").test
-    crown, alpha = (verdicts(checkpoint, tmp_path, capsys, m) for m in ("crown", "alpha-crown"))
-    for result in (crown, alpha):
+    crown, alpha, bab = (verdicts(checkpoint, tmp_path, capsys, m) for m in ("crown", "alpha-crown", "bab"))
+    for result in (crown, alpha, bab):
         assert result["verified"] + result["falsified"] + result["unknown"] == 40 == len(result["images"])
         assert result["verified"] > 0 and result["median_s"] <= result["worst_s"]
         for image in result["images"]:
@@ -48,13 +49,15 @@ def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
                 assert int(model(point).argmax(1)[0]) == int(y)
             if image["verdict"] == "falsified":
                 assert image["counterexample_label"] != image["label"]
-    assert alpha["verified"] >= crown["verified"]
+    assert bab["verified"] >= alpha["verified"] >= crown["verified"]
+    assert all(i["seconds"] <= 5 + 3 for i in bab["images"])  # the time limit holds (plus the first bound)
     assert {i["index"] for i in crown["images"] if i["verdict"] == "verified"} <= \
            {i["index"] for i in alpha["images"] if i["verdict"] == "verified"}
 
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "alfa-crown"], "did you mean 'alpha-crown'"),
+    (["--method", "bab", "--timeout", "0"], "--timeout must be > 0"),
     (["--n", "0"], "--n must be >= 1"),
     (["--set", "threat.norm=l2"], "the verifiers bound the L∞ ball"),
 ])

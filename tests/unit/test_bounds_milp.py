@@ -228,3 +228,26 @@ def test_alpha_crown_is_never_looser_than_crown_and_closer_to_the_exact_minimum_
     gap = {m: float(np.mean([np.mean(r["exact"] - r["bounds"][m]) for r in results])) for m in ("crown", "alpha-crown")}
     print(f"mean gap exact - bound: {gap}")
     assert gap["alpha-crown"] < gap["crown"], f"alpha-crown is not tighter than crown on average: {gap}"
+
+
+def test_branch_and_bound_is_sound_and_proves_at_least_what_crown_proves():
+    """On every case: a margin BaB proves positive is positive at the exact MILP minimum; BaB proves every image
+    CROWN proves, and more of those whose exact minimum margin is positive."""
+    from robustprune.bounds.bab import branch_and_bound
+
+    proved = {"crown": 0, "bab": 0, "exact": 0}
+    for case in CASES:
+        r = solve_case(case)
+        model, x, y, eps = make_case(case)
+        model = model.double()
+        result = branch_and_bound(model, x.double(), torch.tensor([y]), eps, timeout=20.0)
+        exact_positive = bool(np.all(r["exact"] > 0))
+        if result.verified:
+            assert exact_positive, f"{case}: BaB proved a margin whose exact minimum is {r['exact'].min()}"
+        crown = bool(np.all(r["bounds"]["crown"] > 0))
+        assert result.verified or not crown, f"{case}: CROWN proves it, BaB did not"
+        proved["crown"] += crown
+        proved["bab"] += result.verified
+        proved["exact"] += exact_positive
+    print(f"images proved: {proved}")
+    assert proved["bab"] >= proved["crown"]

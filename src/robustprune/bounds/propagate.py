@@ -162,18 +162,27 @@ def crown_tighten(graph: Graph, index: int, bounds: dict[int, Interval]) -> Inte
     return flat_l.scatter(1, positions, new_l).view_as(lower), flat_u.scatter(1, positions, new_u).view_as(upper)
 
 
-def crown_bounds(graph: Graph, box: Interval, intermediate: str = "crown", stop: int | None = None
-                 ) -> dict[int, Interval]:
+def crown_bounds(graph: Graph, box: Interval, intermediate: str = "crown", stop: int | None = None,
+                 splits: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[int, Interval]:
     """Intervals of every node up to ``stop``, the ReLU pre-activations tightened by CROWN (``intermediate="crown"``)
-    or left as IBP gives them (``"ibp"``: the intermediate bounds of CROWN-IBP)."""
+    or left as IBP gives them (``"ibp"``: the intermediate bounds of CROWN-IBP).
+
+    ``splits`` (branch and bound): per pre-activation node, boolean maps (active, inactive) of shape (B, *shape);
+    batch element b then bounds only the inputs where those neurons are ≥ 0 / ≤ 0, so their intervals are clipped at
+    0 (the ReLU there becomes exact) before anything later is bounded."""
     stop = graph.output if stop is None else stop
-    if intermediate == "ibp":
+    if intermediate == "ibp" and not splits:
         return interval_pass(graph, box, stop=stop)
     needed = graph.relu_inputs()
     bounds: dict[int, Interval] = {0: box}
     for index in range(1, stop + 1):
         node = graph.nodes[index]
         bounds[index] = node.op.interval(*(bounds[i] for i in node.inputs))
-        if index in needed and graph.needs_crown(index):
+        if intermediate == "crown" and index in needed and graph.needs_crown(index):
             bounds[index] = crown_tighten(graph, index, bounds)
+        if splits and index in splits:
+            active, inactive = splits[index]
+            lower, upper = bounds[index]
+            bounds[index] = (torch.where(active, lower.clamp(min=0), lower),
+                             torch.where(inactive, upper.clamp(max=0), upper))
     return bounds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -147,11 +148,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from robustprune import verification
-    from robustprune.bounds import VERIFIERS
     from robustprune.export import load, read_metadata
     from robustprune.infra.fileio import write_json
 
-    VERIFIERS.get(args.method)  # a misspelt method: one line with "did you mean", before anything runs
+    if args.method not in verification.METHODS:
+        close = difflib.get_close_matches(args.method, verification.METHODS, n=1)
+        raise UserError(f"unknown method {args.method!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" (choose from: {', '.join(verification.METHODS)})")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     cfg = _checkpoint_config(args, read_metadata(args.checkpoint))
@@ -163,8 +168,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
         model = load(args.checkpoint, device).double()
         n = min(len(data.test), args.n or cfg.evaluate.n_samples or len(data.test))
         x, y = data.test.x[:n].to(device).double(), data.test.y[:n].to(device)
-        result = verification.summary(verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed),
-                                      args.method, cfg.threat.eps)
+        found = verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed, args.timeout)
+        result = verification.summary(found, args.method, cfg.threat.eps)
         if out is not None:
             write_json(out, result)
     print(json.dumps(result, indent=2) if args.json else verification.table(result))
