@@ -72,10 +72,12 @@ def _refused(capsys, argv: list[str]) -> str:
 def no_training(monkeypatch, tmp_path):
     """Every step that trains, evaluates, sweeps or downloads stops with ``Reached``; no real data root."""
     import robustprune.sweep
+    import robustprune.verification
     from robustprune.data import download
 
     for name in ("pretrain", "prune_model", "finetune", "measure"):
         monkeypatch.setattr(pipeline, name, _stop)
+    monkeypatch.setattr(robustprune.verification, "verdicts", _stop)  # `verify` bounds and attacks: stop there
     monkeypatch.setattr(robustprune.sweep, "_pretrained", _stop)
     monkeypatch.setattr(download, "download", _stop)
     empty = tmp_path / "empty-data-root"
