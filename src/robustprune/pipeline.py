@@ -330,7 +330,7 @@ def compress(net: nn.Module, train: Split | tuple, test: Split | tuple, *, objec
     (``{"finetune.epochs": 5, "prune.rule": "harp"}``). The run folder ``out`` defaults to
     ``runs/compress-<time>``."""
     splits = [s if isinstance(s, Split) else Split(*s) for s in (train, test)]
-    data = Dataset("custom", splits[0], splits[1], int(max(int(s.y.max()) for s in splits)) + 1)
+    data = Dataset("custom", splits[0], splits[1], max(int(s.y.max()) for s in splits) + 1)
     overrides = [f"objective.name={objective}", f"threat.eps={eps}", f"threat.norm={norm}",
                  f"prune.compression={compression}", "pretrain.epochs=0", "name=compress", "data.name=given"]
     overrides += [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items()]

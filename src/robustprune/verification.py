@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from robustprune.attacks import pgd
-from robustprune.bounds import verify
+from robustprune.bounds import VERIFIERS, verify
 from robustprune.bounds.bab import branch_and_bound
 
 VERDICTS = ("verified", "falsified", "unknown")
@@ -31,7 +31,8 @@ class Verdict:
     counterexample_label: int | None = None  # the class the falsifying point is given
 
 
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "bab")
+#: The registered verifiers, then branch and bound (a search, not a bound of its own).
+METHODS = (*VERIFIERS.names(), "bab")
 
 
 def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int = 0,

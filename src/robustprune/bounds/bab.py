@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from robustprune.bounds.graph import Graph
-from robustprune.bounds.propagate import backward_bound, crown_bounds, input_box
+from robustprune.bounds.propagate import backward_bound, crown_bounds, input_box, interval_pass
 from robustprune.bounds.relu import ReLUBound
 from robustprune.bounds.trace import build_graph
 
@@ -49,6 +49,7 @@ def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
         classes = model(x).shape[1]
         spec = margin_spec(y, classes, x.dtype) if spec is None else spec
         pre_activations = [node.inputs[0] for node in graph.nodes if isinstance(node.op, ReLUBound)]
+        shapes = {index: low.shape[1:] for index, (low, _) in interval_pass(graph, box).items()}
         pending: list[tuple[Split, ...]] = [()]
         bounded = 0
         while pending:
@@ -56,7 +57,7 @@ def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
                 return BaBResult(False, bounded, time.perf_counter() - started, True)
             batch, pending = pending[:DOMAINS_PER_PASS], pending[DOMAINS_PER_PASS:]
             bounded += len(batch)
-            children = _bound_and_split(graph, box, spec, batch, pre_activations)
+            children = _bound_and_split(graph, box, spec, batch, pre_activations, shapes)
             if children is None:
                 return BaBResult(False, bounded, time.perf_counter() - started, False)
             pending = children + pending
@@ -64,11 +65,11 @@ def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 
 
 def _bound_and_split(graph: Graph, box, spec: torch.Tensor, domains: list[tuple[Split, ...]],
-                     pre_activations: list[int]) -> list[tuple[Split, ...]] | None:
+                     pre_activations: list[int], shapes: dict[int, torch.Size]) -> list[tuple[Split, ...]] | None:
     """The children of every domain not proved yet (None: one cannot be split further and is not proved)."""
     n = len(domains)
     boxes = (box[0].repeat(n, *[1] * (box[0].dim() - 1)), box[1].repeat(n, *[1] * (box[1].dim() - 1)))
-    bounds = crown_bounds(graph, boxes, "crown", stop=graph.output - 1, splits=_masks(domains, boxes, graph))
+    bounds = crown_bounds(graph, boxes, "crown", stop=graph.output - 1, splits=_masks(domains, shapes, box))
     last = graph.nodes[graph.output]
     bounds[graph.output] = last.op.interval(*(bounds[i] for i in last.inputs))
     lower = backward_bound(graph, graph.output, spec.repeat(n, 1, 1), bounds)
@@ -86,26 +87,18 @@ def _bound_and_split(graph: Graph, box, spec: torch.Tensor, domains: list[tuple[
     return children
 
 
-def _masks(domains: list[tuple[Split, ...]], boxes, graph: Graph) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _masks(domains: list[tuple[Split, ...]], shapes: dict[int, torch.Size],
+           box) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per split node, the (active, inactive) maps of every domain of the pass (flat positions, then shaped)."""
     masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    shapes = crown_shapes(graph, boxes)
     for b, domain in enumerate(domains):
         for node, position, active in domain:
             if node not in masks:
-                flat = torch.zeros(len(domains), shapes[node].numel(), dtype=torch.bool, device=boxes[0].device)
+                flat = torch.zeros(len(domains), shapes[node].numel(), dtype=torch.bool, device=box[0].device)
                 masks[node] = (flat, flat.clone())
             masks[node][0 if active else 1][b, position] = True
     return {node: (a.view(len(domains), *shapes[node]), i.view(len(domains), *shapes[node]))
             for node, (a, i) in masks.items()}
-
-
-def crown_shapes(graph: Graph, boxes) -> dict[int, torch.Size]:
-    """The per-sample shape of every node's output (one interval pass on the first box)."""
-    from robustprune.bounds.propagate import interval_pass
-
-    first = (boxes[0][:1], boxes[1][:1])
-    return {index: low.shape[1:] for index, (low, _) in interval_pass(graph, first).items()}
 
 
 def _choose(bounds, pre_activations: list[int], i: int, domain: tuple[Split, ...]) -> tuple[int, int] | None:
