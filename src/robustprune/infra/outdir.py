@@ -216,9 +216,16 @@ def check_folder(out: Path, kind: str, *, force: bool = False, resume: bool = Fa
     A run folder is new or empty, or replaced (``force``: it must hold a run marker) or continued (``resume``); a
     sweep folder is new or empty, or a sweep folder (continued). A folder in use is refused for that reason first."""
     holder = _held(out / LOCK) if out.is_dir() else None
-    if holder is not None:
-        raise UserError(_in_use(f"--out {out}", holder))
-    _check_state(out, kind, force=force, resume=resume)
+    if holder is None:
+        try:
+            _check_state(out, kind, force=force, resume=resume)
+            return
+        except UserError:
+            # another writer may have created and claimed the folder since the first look: say so, not "not empty"
+            holder = _held(out / LOCK) if out.is_dir() else None
+            if holder is None:
+                raise
+    raise UserError(_in_use(f"--out {out}", holder))
 
 
 def _check_state(out: Path, kind: str, *, force: bool, resume: bool) -> None:
