@@ -23,6 +23,7 @@ Invariants, checked on every evaluation:
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import NamedTuple
 
 import torch
@@ -90,12 +91,12 @@ def evaluate(
     model.eval()
     runs = attack_runs(cfg, threat, n)
     clean, survived = attacked_flags(model, test, runs, n, batch_size, seed)
-    verified = verify_all(model, test, threat, cfg, n, batch_size)
+    verified, figures = verify_all(model, test, threat, cfg, n, batch_size)
     smoothing = smoothing_figures(model, test, cfg, n, seed)
     model.train(was_training)
     metrics = attack_metrics(clean, survived, [r.label for r in runs if "@" not in r.label], cfg)
     metrics.update(smoothing=smoothing, n_eval=n)
-    metrics.update(verified_metrics(verified, clean, survived))
+    metrics.update(verified_metrics(verified, clean, survived), verification=figures or None)
     return metrics
 
 
@@ -247,21 +248,57 @@ def smoothing_figures(model: nn.Module, test: Split, cfg: EvalConfig, n: int, se
 
 
 def verify_all(model: nn.Module, test: Split, threat: Threat, cfg: EvalConfig, n: int,
-               batch_size: int) -> dict[str, torch.Tensor]:
-    """Per verifier, a BoolTensor over the first ``verify_n_samples`` evaluated samples ({} when not applicable)."""
+               batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Per verifier, a BoolTensor over the first ``verify_n_samples`` evaluated samples ({} when not applicable), and
+    its figures: the verified count and the time per sample (``bab``: also falsified and unknown counts)."""
     if not cfg.verifiers or threat.norm != "linf":
-        return {}
+        return {}, {}
     device = next(model.parameters()).device
     count = n if cfg.verify_n_samples is None else min(n, cfg.verify_n_samples)
-    results = {}
+    flags, figures = {}, {}
     for method in cfg.verifiers:
-        flags = torch.zeros(count, dtype=torch.bool)
+        verdicts = torch.zeros(count, dtype=torch.int64)  # per sample: 1 verified, 2 falsified, 0 neither
+        seconds = torch.zeros(count, dtype=torch.float64)
         for start in distributed.my_starts(range(0, count, batch_size)):
             stop = min(start + batch_size, count)
             x, y = test.x[start:stop].to(device), test.y[start:stop].to(device)
-            flags[start:stop] = verify(model, x, y, threat.eps, method).cpu()
-        results[method] = distributed.gather_flags(flags, device)
-    return results
+            verdicts[start:stop], seconds[start:stop] = _verify_batch(model, x, y, threat.eps, method, cfg)
+        verdicts = distributed.all_sum(verdicts.to(device)).cpu()  # each sample is one rank's; the others hold 0
+        seconds = distributed.all_sum(seconds.to(device)).cpu()
+        flags[method] = verdicts == 1
+        figures[method] = _figures(method, verdicts, seconds)
+        if method == "bab":
+            falsified = verdicts == 2
+    for method, proved in flags.items():
+        if "bab" in flags and bool((proved & falsified).any()):
+            raise SoundnessError(f"a sample verified by {method} has a counter-example (bab): an unsound bound")
+    return flags, figures
+
+
+def _verify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str,
+                  cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(verdict codes, seconds) per sample: ``bab`` gives each image its own verdict and time, a bound method shares
+    one batched pass's time out evenly."""
+    if method == "bab":
+        from robustprune import verification  # scipy's solver, only when asked for
+
+        found = verification.verdicts(model, x, y, eps, "bab", timeout=cfg.verify_timeout)
+        codes = torch.tensor([verification.VERDICTS.index(v.verdict) for v in found])  # verified 0, falsified 1
+        return torch.where(codes == 2, 0, codes + 1), torch.tensor([v.seconds for v in found], dtype=torch.float64)
+    started = time.perf_counter()
+    proved = verify(model, x, y, eps, method).cpu()
+    return proved.long(), torch.full((len(x),), (time.perf_counter() - started) / len(x), dtype=torch.float64)
+
+
+def _figures(method: str, verdicts: torch.Tensor, seconds: torch.Tensor) -> dict:
+    figures = {"verified": int((verdicts == 1).sum()), "n": len(verdicts)}
+    if method == "bab":
+        figures.update(falsified=int((verdicts == 2).sum()), unknown=int((verdicts == 0).sum()),
+                       median_s=float(seconds.median()) if len(seconds) else None,
+                       worst_s=float(seconds.max()) if len(seconds) else None)
+    else:
+        figures["seconds_per_sample"] = float(seconds.mean()) if len(seconds) else None
+    return figures
 
 
 def check_invariants(verified: dict[str, torch.Tensor], clean: torch.Tensor, robust: torch.Tensor) -> None:

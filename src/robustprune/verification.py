@@ -3,7 +3,12 @@ concrete point of the ball ∩ [0, 1] that the model misclassifies, re-checked b
 (neither, within the method and the time limit). ``robustprune verify`` prints them as a table and writes JSON.
 
 Incomplete verifiers (IBP, CROWN, α-CROWN) prove or give up; a margin-loss PGD with restarts then looks for a
-counter-example. ``bab`` (``bounds/bab.py``) searches first, then branches on ReLU splits until proved or timed out. A falsified image is never also verified: that would be an unsound bound, and raises.
+counter-example. ``bab`` is complete up to its time limit, in four steps per image: α-CROWN on the whole ball; the
+counter-example search; then, for each margin still open (the lowest bound first), an exact search —
+on a network that is a chain of affine layers and ReLUs, the mixed-integer program of ``bounds/milp.py`` (HiGHS
+branches on the unstable ReLUs with LP bounds, on a program that holds only the unpruned weights and the unstable
+neurons); on any other network the ReLU-split branch and bound of ``bounds/bab.py``. A falsified image is never also
+verified: that would be an unsound bound, and raises.
 """
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from robustprune.attacks import pgd
-from robustprune.bounds import VERIFIERS, verify
-from robustprune.bounds.bab import branch_and_bound
+from robustprune.bounds import VERIFIERS, bab, build_graph, margin_lower_bounds, milp, verify
 
 VERDICTS = ("verified", "falsified", "unknown")
 FALSIFY_STEPS, FALSIFY_RESTARTS = 100, 5  # the counter-example search on an image no verifier proved
+Found = tuple[int, torch.Tensor]  # a counter-example: the class the model gives it, the point (1, *shape)
 
 
 @dataclass(frozen=True)
@@ -29,43 +35,68 @@ class Verdict:
     seconds: float  # wall time of this image (bounds, then the counter-example search)
     label: int
     counterexample_label: int | None = None  # the class the falsifying point is given
+    decided_by: str | None = None  # the step that decided: the bound method, "attack", "milp" or "branches"
+    counterexample: list | None = None  # the falsifying point (the image's shape, as nested lists)
 
 
-#: The registered verifiers, then branch and bound (a search, not a bound of its own).
-METHODS = (*VERIFIERS.names(), "bab")
+#: The registered verifiers (the bound methods, then ``bab``).
+METHODS = VERIFIERS.names()
 
 
 def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int = 0,
-             timeout: float = 30.0) -> list[Verdict]:
-    """One verdict per image (one at a time, so each image's time is its own). ``bab`` tries α-CROWN, then looks for a
-    counter-example, then branches for at most ``timeout`` seconds; the others bound once, then search."""
+             timeout: float = 30.0, progress: bool = False) -> list[Verdict]:
+    """One verdict per image (one at a time, so each image's time is its own; ``timeout`` bounds ``bab``'s exact
+    search per image). ``progress`` draws a bar over the images on stderr."""
     model.eval()
+    x = x.to(torch.float64)  # bounds in float64, so rounding cannot turn a barely negative margin positive
+    chain = milp.chain_of(build_graph(model), x) if method == "bab" else None
     results = []
-    for index in range(len(x)):
+    for index in tqdm(range(len(x)), desc=f"verify ({method})", unit="image",
+                      disable=None if progress else True, leave=False):
         torch.manual_seed(seed + index)
         started = time.perf_counter()
         image, label = x[index:index + 1], y[index:index + 1]
-        if method == "bab":  # α-CROWN on the whole ball first; a counter-example; then the branches
-            proved, found = bool(verify(model, image, label, eps, "alpha-crown")[0]), None
-            if not proved:
-                found = _counterexample(model, image, label, eps)
-                proved = found is None and branch_and_bound(model, image, label, eps, timeout).verified
+        if method == "bab":
+            verdict, found, step = _bab(model, chain, image, label, eps, started + timeout)
         else:
-            proved = bool(verify(model, image, label, eps, method)[0])
-            found = None if proved else _counterexample(model, image, label, eps)
-        verdict = "verified" if proved else "falsified" if found is not None else "unknown"
-        results.append(Verdict(index, verdict, time.perf_counter() - started, int(label), found))
+            verdict, found, step = _bound_then_attack(model, image, label, eps, method)
+        results.append(Verdict(index, verdict, time.perf_counter() - started, int(label),
+                               None if found is None else found[0], step,
+                               None if found is None else found[1][0].tolist()))
     return results
 
 
-def _counterexample(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float) -> int | None:
-    """The predicted class at a point of the ball ∩ [0, 1] the model misclassifies, or None. The point is checked
-    again here: inside the ball, inside [0, 1], and misclassified by a plain forward pass."""
-    point = pgd(model, image, label, eps, FALSIFY_STEPS, restarts=FALSIFY_RESTARTS, loss="margin")
-    inside = bool((point - image).abs().max() <= eps + 1e-7) and bool(point.min() >= 0) and bool(point.max() <= 1)
+def _bound_then_attack(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float,
+                       method: str) -> tuple[str, Found | None, str | None]:
+    """An incomplete verifier, then (if it fails) the counter-example search."""
+    if bool(verify(model, image, label, eps, method)[0]):
+        return "verified", None, method
+    found = _counterexample(model, image, label, eps)
+    return ("falsified", found, "attack") if found is not None else ("unknown", None, None)
+
+
+def _bab(model: nn.Module, chain, image: torch.Tensor, label: torch.Tensor, eps: float,
+         deadline: float) -> tuple[str, Found | None, str | None]:
+    """α-CROWN; the counter-example search (cheaper than the exact one on a non-robust image); ``bab.decide``."""
     with torch.no_grad():
-        predicted = int(model(point).argmax(1)[0])
-    return predicted if inside and predicted != int(label) else None
+        lower = margin_lower_bounds(model, image, label, eps, "alpha-crown")[0]
+    if bool((lower > 0).all()):
+        return "verified", None, "alpha-crown"
+    found = _counterexample(model, image, label, eps)
+    if found is not None:
+        return "falsified", found, "attack"
+    decision = bab.decide(model, image, label, eps, deadline, chain, lower)
+    found = None if decision.point is None else (int(model(decision.point).argmax(1)[0]), decision.point)
+    return decision.verdict, found, decision.step
+
+
+def _counterexample(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float) -> Found | None:
+    """A point of the ball ∩ [0, 1] the model misclassifies (with its class), or None."""
+    start = image.to(bab.model_dtype(model))  # the attack runs the model in its own precision
+    point = bab.misclassified(model, image, label, eps,
+                              pgd(model, start, label, eps, FALSIFY_STEPS, restarts=FALSIFY_RESTARTS, loss="margin"))
+    with torch.no_grad():
+        return None if point is None else (int(model(point).argmax(1)[0]), point)
 
 
 def summary(results: list[Verdict], method: str, eps: float) -> dict:

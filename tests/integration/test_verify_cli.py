@@ -47,8 +47,13 @@ def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
                 torch.manual_seed(0)
                 point = pgd(model, x, y, 0.05, 50, restarts=3, loss="margin")
                 assert int(model(point).argmax(1)[0]) == int(y)
-            if image["verdict"] == "falsified":
-                assert image["counterexample_label"] != image["label"]
+            if image["verdict"] == "falsified":  # the point is in the ball ∩ [0, 1] and misclassified
+                point = torch.tensor(image["counterexample"], dtype=torch.float64).unsqueeze(0)
+                assert point.shape == x.shape and (point - x).abs().max() <= 0.05 + 1e-7
+                assert point.min() >= 0 and point.max() <= 1
+                assert int(model(point).argmax(1)[0]) == image["counterexample_label"] != image["label"]
+            else:
+                assert image["counterexample"] is None
     assert bab["verified"] >= alpha["verified"] >= crown["verified"]
     assert all(i["seconds"] <= 5 + 3 for i in bab["images"])  # the time limit holds (plus the first bound)
     assert {i["index"] for i in crown["images"] if i["verdict"] == "verified"} <= \

@@ -191,7 +191,7 @@ def test_warnings_reach_report_json_and_the_table():
 def test_a_verified_sample_broken_by_any_attack_is_a_soundness_error(trained, tiny_data, monkeypatch):
     import sys
     evaluation = sys.modules["robustprune.evaluate"]  # the package's `evaluate` name is the function
-    monkeypatch.setattr(evaluation, "verify_all", lambda *a: {"ibp": torch.ones(20, dtype=torch.bool)})
+    monkeypatch.setattr(evaluation, "verify_all", lambda *a: ({"ibp": torch.ones(20, dtype=torch.bool)}, {}))
     cfg = eval_config(pgd_steps=0, attacks=("fgsm",), n_samples=20)
 
     class Blank(Attack):  # every point black: breaks the samples whose class is not the black image's

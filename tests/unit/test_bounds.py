@@ -786,9 +786,11 @@ def test_models_without_class_logits_are_refused():
 
 
 def test_verifier_registry_names_the_methods():
-    """The three of METHODS, tested everywhere above, and α-CROWN (its own sampling test above, the exact MILP in
-    test_bounds_milp.py)."""
-    assert set(VERIFIERS.names()) == {*METHODS, "alpha-crown"}
+    """The three of METHODS, tested everywhere above, α-CROWN (its own sampling test above, the exact MILP in
+    test_bounds_milp.py) and bab (test_verification_exact.py), which decides margins and gives no bounds."""
+    assert set(VERIFIERS.names()) == {*METHODS, "alpha-crown", "bab"}
+    with pytest.raises(UserError, match="gives no bounds"):
+        compute_bounds(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(1, 4), 0.1, "bab")
 
 
 # ----------------------------------------------------------------------------------------------- 9. differentiability

@@ -17,7 +17,8 @@ FLOORS: list[set[str]] = [
     {"sweep"},                          # many runs: orchestration
     {"pipeline"},                       # one run: the stage table
     {"report"},                         # rendering: report.json / .md, sweep.md, plots
-    {"train", "evaluate", "prepare", "verification"},  # training; evaluation; a run's inputs; verdicts
+    {"train", "evaluate", "prepare"},   # training; evaluation; a run's inputs
+    {"verification"},                   # per-image verdicts (evaluate's bab figures use them)
     {"export"},                         # checkpoints and their formats
     {"config"},                         # the user's settings, checked against the registries below
     {"objectives"},                     # training losses (use attacks and bounds)

@@ -1,13 +1,15 @@
 """Sound bounds of a network's outputs over the L∞ ball ∩ [0, 1], and verification of robustness from them.
 
-Four methods, registered in ``VERIFIERS``: ``ibp`` (interval propagation), ``crown-ibp`` (CROWN's backward bounds
-on the output with IBP intermediate bounds), ``crown`` (CROWN everywhere) and ``alpha-crown`` (CROWN with optimised
-lower ReLU slopes, ``alpha.py``). Any model whose ``forward`` traces
+Four bound methods, registered in ``VERIFIERS``: ``ibp`` (interval propagation), ``crown-ibp`` (CROWN's backward
+bounds on the output with IBP intermediate bounds), ``crown`` (CROWN everywhere) and ``alpha-crown`` (CROWN with
+optimised lower ReLU slopes, ``alpha.py``); and ``bab``, a verifier that gives no bounds: α-CROWN, then an exact
+search per open margin under a time limit (``bab.py``, ``milp.py``). Any model whose ``forward`` traces
 (``torch.fx``) into layers and functions with bound classes is bounded (``trace.py``). Pruning masks are honoured:
 bound classes read ``module.weight``, the masked weight.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -23,7 +25,8 @@ from robustprune.infra.errors import UserError
 from robustprune.registry import Registry
 
 VERIFIERS: Registry[str] = Registry("verifier")
-for _name, _intermediate in (("ibp", None), ("crown-ibp", "ibp"), ("crown", "crown"), ("alpha-crown", "alpha")):
+for _name, _intermediate in (("ibp", None), ("crown-ibp", "ibp"), ("crown", "crown"), ("alpha-crown", "alpha"),
+                             ("bab", "search")):
     VERIFIERS.register(_name)(_intermediate)
 
 
@@ -37,6 +40,8 @@ def spec_lower_bounds(graph: Graph, box: Interval, spec: torch.Tensor, method: s
     intervals.
     """
     intermediate = VERIFIERS.get(method)
+    if intermediate == "search":
+        raise UserError("bab decides margins, it gives no bounds: use alpha-crown for bounds")
     if intermediate == "alpha":
         return alpha_lower_bounds(graph, box, spec)
     last = graph.nodes[graph.output]
@@ -95,18 +100,29 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps: float, method: str = 
 
 @torch.no_grad()
 def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str = "crown",
-           dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """BoolTensor (B,): True where every margin z_y − z_j has a positive lower bound over the whole ball.
+           dtype: torch.dtype = torch.float64, timeout: float = 30.0) -> torch.Tensor:
+    """BoolTensor (B,): True where every margin z_y − z_j has a positive lower bound over the whole ball (``bab``:
+    where its search proves it within ``timeout`` seconds per image; ``bab.decide`` tells falsified from unknown).
 
     Runs in eval mode and, by default, in float64 so rounding cannot turn a barely negative margin positive.
     """
     was_training = model.training
     model.eval()
     try:
+        if VERIFIERS.get(method) == "search":
+            return _decided(model, x.to(dtype), y, eps, timeout)
         lower = margin_lower_bounds(model, x.to(dtype), y, eps, method)
     finally:
         model.train(was_training)
     return (lower > 0).all(dim=1)
+
+
+def _decided(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, timeout: float) -> torch.Tensor:
+    from robustprune.bounds import bab, milp  # scipy's solver, only when asked for
+
+    chain = milp.chain_of(build_graph(model), x)
+    return torch.tensor([bab.decide(model, x[i:i + 1], y[i:i + 1], eps, time.perf_counter() + timeout,
+                                    chain).verdict == "verified" for i in range(len(x))], device=x.device)
 
 
 def _class_count(logits: Interval) -> int:

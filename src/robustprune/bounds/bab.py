@@ -10,7 +10,14 @@ none is left or the time limit passes.
 
 The result is **verified** (every sub-domain done) or **unknown** (time up, or a sub-domain with no unstable neuron
 left whose bound is still not positive: the split constraints are kept as clipped intervals, not as β-CROWN's
-multipliers, so such a domain can stay loose). Counter-examples are the caller's (``verification.py``).
+multipliers, so such a domain can stay loose).
+
+:func:`decide` is the ``bab`` verifier of one image: α-CROWN on the whole ball, then for each margin still open (the
+lowest bound first) an exact search — on a network that is a chain of affine layers and ReLUs the mixed-integer
+program of ``milp.py`` (HiGHS branches on the unstable ReLUs with LP bounds, which are tighter than CROWN's, over a
+program holding only the unpruned weights and the unstable neurons), on any other network the ReLU splits above.
+It ends **verified**, **falsified** (the program's point, clipped into the box and misclassified by a forward pass)
+or **unknown** (time up, or a program's point the network does not misclassify: solver tolerance).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from robustprune.bounds import milp
 from robustprune.bounds.graph import Graph
 from robustprune.bounds.propagate import backward_bound, crown_bounds, input_box, interval_pass
 from robustprune.bounds.relu import ReLUBound
@@ -37,6 +45,60 @@ class BaBResult:
     timed_out: bool
 
 
+@dataclass(frozen=True)
+class Decision:
+    verdict: str  # verified | falsified | unknown
+    point: torch.Tensor | None  # falsified: a point of the ball ∩ [0, 1] (1, *shape) the model misclassifies
+    step: str | None  # what decided: "alpha-crown", "milp" or "branches"
+
+
+def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, deadline: float,
+           chain: list[milp.Segment] | None, lower: torch.Tensor | None = None) -> Decision:
+    """The verdict of one image ``x`` (1, *shape): α-CROWN (its margin bounds ``lower`` (classes − 1,) when the caller
+    has them), then the exact search margin by margin until ``deadline`` (a ``time.perf_counter()`` value).
+    ``chain``: the model's :func:`milp.affine_chain` (None: ReLU splits)."""
+    from robustprune.bounds import margin_lower_bounds, margin_spec  # the package root's (no cycle at import time)
+
+    with torch.no_grad():
+        lower = margin_lower_bounds(model, x, y, eps, "alpha-crown")[0] if lower is None else lower
+    if bool((lower > 0).all()):
+        return Decision("verified", None, "alpha-crown")
+    spec = margin_spec(y, lower.numel() + 1, x.dtype)[0]
+    specs = spec[[int(r) for r in lower.argsort() if lower[r] <= 0]]  # the open margins, the lowest bound first
+    if chain is None:
+        left = max(deadline - time.perf_counter(), 0.0)
+        proved = branch_and_bound(model, x, y, eps, left, spec=specs.unsqueeze(0)).verified
+        return Decision("verified", None, "branches") if proved else Decision("unknown", None, None)
+    graph = build_graph(model)
+    with torch.no_grad():
+        encoding = milp.encode(chain, crown_bounds(graph, input_box(x, eps), "crown", stop=graph.output - 1))
+    for row in specs:
+        search = milp.search(encoding, row.cpu().numpy(), deadline - time.perf_counter())
+        if search.verdict == "candidate":
+            point = misclassified(model, x, y, eps, torch.from_numpy(search.point).to(x).view_as(x))
+            return Decision("falsified", point, "milp") if point is not None else Decision("unknown", None, None)
+        if search.verdict == "unknown":
+            return Decision("unknown", None, None)
+    return Decision("verified", None, "milp")
+
+
+def misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  point: torch.Tensor) -> torch.Tensor | None:
+    """``point`` clipped into the ball ∩ [0, 1] (a solver's point may sit a hair outside) if the model misclassifies
+    it there by a plain forward pass — the check every counter-example passes — else None."""
+    low, high = input_box(x, eps)
+    point = torch.maximum(torch.minimum(point, high), low).to(model_dtype(model, point.dtype))
+    inside = bool((point - x).abs().max() <= eps + 1e-7) and bool(point.min() >= 0) and bool(point.max() <= 1)
+    with torch.no_grad():
+        wrong = int(model(point).argmax(1)[0]) != int(y[0])
+    return point if inside and wrong else None
+
+
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The precision the model computes in (its first parameter's)."""
+    return next((p.dtype for p in model.parameters()), default)
+
+
 def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, timeout: float = 30.0,
                      spec: torch.Tensor | None = None) -> BaBResult:
     """Prove every margin z_y − z_j > 0 for one image ``x`` (1, *shape) over the L∞ ball ∩ [0, 1]."""
@@ -46,8 +108,7 @@ def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     graph = build_graph(model)
     box = input_box(x, eps)
     with torch.no_grad():
-        classes = model(x).shape[1]
-        spec = margin_spec(y, classes, x.dtype) if spec is None else spec
+        spec = margin_spec(y, interval_pass(graph, box)[graph.output][0].shape[1], x.dtype) if spec is None else spec
         pre_activations = [node.inputs[0] for node in graph.nodes if isinstance(node.op, ReLUBound)]
         shapes = {index: low.shape[1:] for index, (low, _) in interval_pass(graph, box).items()}
         pending: list[tuple[Split, ...]] = [()]

@@ -168,7 +168,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
         model = load(args.checkpoint, device).double()
         n = min(len(data.test), args.n or cfg.evaluate.n_samples or len(data.test))
         x, y = data.test.x[:n].to(device).double(), data.test.y[:n].to(device)
-        found = verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed, args.timeout)
+        found = verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed, args.timeout,
+                                      progress=True)
         result = verification.summary(found, args.method, cfg.threat.eps)
         if out is not None:
             write_json(out, result)

@@ -232,6 +232,7 @@ class EvalConfig:
     n_samples: int | None = None  # evaluate on the first n test samples (None: all)
     verifiers: tuple[str, ...] = ("ibp", "crown")  # sound verifiers (robustprune list verifiers); () for none
     verify_n_samples: int | None = None  # verify only the first n evaluated samples (full CROWN on big models)
+    verify_timeout: float = 30.0  # seconds per sample for bab's exact search (then the sample is unknown)
     attacks: tuple[str, ...] = ("pgd",)  # robustprune list attacks: pgd, fgsm, autoattack, square
     smoothing_sigma: float | None = None  # randomized-smoothing certificate with this σ (None: off)
     smoothing_n0: int = 100  # selection samples (Cohen et al.)
@@ -260,6 +261,7 @@ class EvalConfig:
         _check(0 <= self.masking_threshold < 1, "masking_threshold must lie in [0, 1)")
         _check(self.n_samples is None or self.n_samples >= 1, "n_samples must be >= 1")
         _check(self.verify_n_samples is None or self.verify_n_samples >= 1, "verify_n_samples must be >= 1")
+        _check(self.verify_timeout > 0, "verify_timeout must be > 0 seconds")
         filled = {name: self.attack_settings.get(name) or ATTACKS.get(name).Settings() for name in ATTACKS.names()}
         object.__setattr__(self, "attack_settings", filled)
 

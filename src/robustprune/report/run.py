@@ -8,7 +8,7 @@ from robustprune.infra.fileio import finite, write_json, write_text
 
 STAGE_FIELDS = ("robust_acc", "n_robust_eval", "masking_gap", "benign_acc", "pgd_acc", "autoattack_acc",
                 "verified_acc", "verified_by", "attack_acc", "smoothing", "params_prunable", "params_nonzero",
-                "compression", "sparsity", "n_eval", "n_autoattack_eval", "n_verified_eval", "warnings")
+                "compression", "sparsity", "n_eval", "n_autoattack_eval", "n_verified_eval", "verification", "warnings")
 #: What runs and sweeps show, headline first: robust = the per-sample worst case over every attack run.
 METRICS = (("robust_acc", "robust"), ("benign_acc", "benign"), ("pgd_acc", "PGD"), ("autoattack_acc", "AutoAttack"),
            ("verified_acc", "verified"))
@@ -75,6 +75,12 @@ def stage_table(report: dict) -> str:
         counts = {s.get("n_verified_eval") for s in report["stages"].values()} - {None}
         lines.append(f"\nVerified by method (first {', '.join(map(str, sorted(counts)))} samples): "
                      + "; ".join(by_method))
+    complete = [(name, s["verification"]["bab"]) for name, s in report["stages"].items()
+                if "bab" in (s.get("verification") or {})]
+    if complete:
+        lines.append("\nComplete verification (bab), verified / falsified / unknown: " + "; ".join(
+            f"{name}: {f['verified']} / {f['falsified']} / {f['unknown']} of {f['n']} (median {f['median_s']:.1f} s, "
+            f"worst {f['worst_s']:.1f} s per sample)" for name, f in complete))
     aa_counts = {s.get("n_autoattack_eval") for s in report["stages"].values()} - {None}
     if aa_counts and aa_counts != {s.get("n_eval") for s in report["stages"].values()}:
         lines.append(f"\nAutoAttack on the first {', '.join(map(str, sorted(aa_counts)))} samples.")
