@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustprune.attacks import pgd
-from robustprune.bounds import VERIFIERS, bab, build_graph, margin_lower_bounds, milp, verify
+from robustprune.bounds import VERIFIERS, AlphaSettings, bab, build_graph, margin_lower_bounds, milp, verify
 
 VERDICTS = ("verified", "falsified", "unknown")
 FALSIFY_STEPS, FALSIFY_RESTARTS = 100, 5  # the counter-example search on an image no verifier proved
@@ -44,9 +44,10 @@ METHODS = VERIFIERS.names()
 
 
 def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int = 0,
-             timeout: float = 30.0, progress: bool = False) -> list[Verdict]:
+             timeout: float = 30.0, progress: bool = False, alpha: AlphaSettings | None = None) -> list[Verdict]:
     """One verdict per image (one at a time, so each image's time is its own; ``timeout`` bounds ``bab``'s exact
-    search per image). ``progress`` draws a bar over the images on stderr."""
+    search per image). ``progress`` draws a bar over the images on stderr (when it is a terminal); ``alpha``:
+    α-CROWN's settings (``alpha-crown`` and ``bab``'s first bound)."""
     model.eval()
     x = x.to(torch.float64)  # bounds in float64, so rounding cannot turn a barely negative margin positive
     chain = milp.chain_of(build_graph(model), x) if method == "bab" else None
@@ -57,9 +58,9 @@ def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
         started = time.perf_counter()
         image, label = x[index:index + 1], y[index:index + 1]
         if method == "bab":
-            verdict, found, step = _bab(model, chain, image, label, eps, started + timeout)
+            verdict, found, step = _bab(model, chain, image, label, eps, started + timeout, alpha)
         else:
-            verdict, found, step = _bound_then_attack(model, image, label, eps, method)
+            verdict, found, step = _bound_then_attack(model, image, label, eps, method, alpha)
         results.append(Verdict(index, verdict, time.perf_counter() - started, int(label),
                                None if found is None else found[0], step,
                                None if found is None else found[1][0].tolist()))
@@ -67,19 +68,19 @@ def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
 
 
 def _bound_then_attack(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float,
-                       method: str) -> tuple[str, Found | None, str | None]:
+                       method: str, alpha: AlphaSettings | None) -> tuple[str, Found | None, str | None]:
     """An incomplete verifier, then (if it fails) the counter-example search."""
-    if bool(verify(model, image, label, eps, method)[0]):
+    if bool(verify(model, image, label, eps, method, alpha=alpha)[0]):
         return "verified", None, method
     found = _counterexample(model, image, label, eps)
     return ("falsified", found, "attack") if found is not None else ("unknown", None, None)
 
 
 def _bab(model: nn.Module, chain, image: torch.Tensor, label: torch.Tensor, eps: float,
-         deadline: float) -> tuple[str, Found | None, str | None]:
+         deadline: float, alpha: AlphaSettings | None) -> tuple[str, Found | None, str | None]:
     """α-CROWN; the counter-example search (cheaper than the exact one on a non-robust image); ``bab.decide``."""
     with torch.no_grad():
-        lower = margin_lower_bounds(model, image, label, eps, "alpha-crown")[0]
+        lower = margin_lower_bounds(model, image, label, eps, "alpha-crown", alpha)[0]
     if bool((lower > 0).all()):
         return "verified", None, "alpha-crown"
     found = _counterexample(model, image, label, eps)

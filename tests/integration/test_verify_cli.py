@@ -64,6 +64,8 @@ def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
     (["--method", "alfa-crown"], "did you mean 'alpha-crown'"),
     (["--method", "bab", "--timeout", "0"], "--timeout must be > 0"),
     (["--n", "0"], "--n must be >= 1"),
+    (["--alpha-iterations", "-1"], "alpha-crown iterations must be an integer >= 0"),
+    (["--alpha-lr", "0"], "alpha-crown learning rate must be > 0"),
     (["--set", "threat.norm=l2"], "the verifiers bound the L∞ ball"),
 ])
 def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, args, message):

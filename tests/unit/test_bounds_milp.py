@@ -14,14 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from robustprune.bounds import build_graph, margin_lower_bounds
+from robustprune.bounds import AlphaSettings, build_graph, margin_lower_bounds
 from robustprune.bounds.propagate import input_box, interval_pass
 from robustprune.models.base import Normalize
 from robustprune.pruning import prune
 
 optimize = pytest.importorskip("scipy.optimize")
 
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "alpha-crown-intermediate")
+INTERMEDIATE = AlphaSettings(intermediate=True)  # "alpha-crown-intermediate": α-CROWN optimising every bound
 SOUND_TOL = 1e-7  # the MILP optimum is exact up to the solver's feasibility tolerances
 
 
@@ -166,7 +167,9 @@ def solve_case(case: str) -> dict:
         points.append(point)
         binaries += count
     target = torch.tensor([y])
-    bounds = {m: margin_lower_bounds(model, x, target, eps, m).detach()[0].numpy() for m in METHODS}
+    bounds = {m: margin_lower_bounds(model, x, target, eps, m.removesuffix("-intermediate"),
+                                     INTERMEDIATE if m.endswith("-intermediate") else None).detach()[0].numpy()
+              for m in METHODS}
     return {"model": model, "x": x, "y": y, "eps": eps, "exact": np.array(exact), "points": points,
             "binaries": binaries, "bounds": bounds}
 
@@ -223,11 +226,14 @@ def test_crown_is_closer_to_the_exact_minimum_than_ibp_on_average():
 def test_alpha_crown_is_never_looser_than_crown_and_closer_to_the_exact_minimum_on_average():
     """Any lower slope in [0, 1] is sound; α-CROWN starts from CROWN's and keeps the best bound per margin."""
     results = [solve_case(case) for case in CASES]
+    optimised = ("alpha-crown", "alpha-crown-intermediate")
     for r in results:
-        assert np.all(r["bounds"]["alpha-crown"] >= r["bounds"]["crown"] - 1e-12)
-    gap = {m: float(np.mean([np.mean(r["exact"] - r["bounds"][m]) for r in results])) for m in ("crown", "alpha-crown")}
+        for method in optimised:
+            assert np.all(r["bounds"][method] >= r["bounds"]["crown"] - 1e-12)
+    gap = {m: float(np.mean([np.mean(r["exact"] - r["bounds"][m]) for r in results])) for m in ("crown", *optimised)}
     print(f"mean gap exact - bound: {gap}")
     assert gap["alpha-crown"] < gap["crown"], f"alpha-crown is not tighter than crown on average: {gap}"
+    assert gap["alpha-crown-intermediate"] < gap["crown"], f"optimised intermediate bounds are looser: {gap}"
 
 
 def test_branch_and_bound_is_sound_and_proves_at_least_what_crown_proves():

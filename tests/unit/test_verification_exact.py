@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from robustprune import verification
-from robustprune.bounds import build_graph, margin_bounds
+from robustprune.bounds import build_graph, margin_bounds, margin_spec
+from robustprune.bounds.alpha import AlphaSettings, alpha_bounds
 from robustprune.bounds import milp
 from robustprune.bounds.propagate import crown_bounds, input_box, interval_pass
 
@@ -74,6 +75,8 @@ def test_bounds_and_the_program_match_the_exact_minimum_on_a_thousand_networks()
         for method, bound in bounds.items():
             assert np.all(bound[0].numpy() <= exact + 1e-7), f"seed {seed}: {method} {bound} above exact {exact}"
         assert np.all(bounds["alpha-crown"][0].numpy() >= bounds["crown"][0].numpy() - 1e-12)
+        if seed % 2 == 0:
+            check_intermediate_alpha(model, x, y, eps, exact, bounds["crown"][0].numpy(), seed)
         program = encoding(model, x, eps)
         for j, value in zip((k for k in range(CLASSES) if k != int(y)), exact):
             spec = np.eye(CLASSES)[int(y)] - np.eye(CLASSES)[j]
@@ -86,6 +89,23 @@ def test_bounds_and_the_program_match_the_exact_minimum_on_a_thousand_networks()
     print(counts)
     assert counts["positive"] > 0.3 * counts["margins"] and counts["margins"] - counts["positive"] > 100
     assert counts["unstable"] > 500, "test setup: most networks should have unstable ReLUs"
+
+
+def check_intermediate_alpha(model, x, y, eps, exact, crown, seed) -> None:
+    """α-CROWN optimising its intermediate bounds: below the exact minimum, never looser than CROWN, and every
+    pre-activation of sampled points of the ball inside the (tightest) intermediate bounds it returns."""
+    graph = build_graph(model)
+    box = input_box(x, eps)
+    lower, tightest = alpha_bounds(graph, box, margin_spec(y, CLASSES, x.dtype), AlphaSettings(intermediate=True))
+    assert np.all(lower[0].numpy() <= exact + 1e-7) and np.all(lower[0].numpy() >= crown - 1e-12), f"seed {seed}"
+    points = box[0] + (box[1] - box[0]) * torch.rand(200, *x.shape[1:], dtype=x.dtype)
+    values = {0: (points, points)}
+    for index in range(1, graph.output + 1):
+        node = graph.nodes[index]
+        values[index] = node.op.interval(*(values[i] for i in node.inputs))
+        if index in tightest:
+            low, high = tightest[index]
+            assert bool((values[index][0] >= low - 1e-9).all() and (values[index][0] <= high + 1e-9).all()), seed
 
 
 def test_bab_verdicts_are_sound_and_complete_on_a_thousand_networks():

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from robustprune.bounds import milp
+from robustprune.bounds.alpha import AlphaSettings
 from robustprune.bounds.graph import Graph
 from robustprune.bounds.propagate import backward_bound, crown_bounds, input_box, interval_pass
 from robustprune.bounds.relu import ReLUBound
@@ -53,14 +54,15 @@ class Decision:
 
 
 def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, deadline: float,
-           chain: list[milp.Segment] | None, lower: torch.Tensor | None = None) -> Decision:
+           chain: list[milp.Segment] | None, lower: torch.Tensor | None = None,
+           alpha: AlphaSettings | None = None) -> Decision:
     """The verdict of one image ``x`` (1, *shape): α-CROWN (its margin bounds ``lower`` (classes − 1,) when the caller
     has them), then the exact search margin by margin until ``deadline`` (a ``time.perf_counter()`` value).
     ``chain``: the model's :func:`milp.affine_chain` (None: ReLU splits)."""
     from robustprune.bounds import margin_lower_bounds, margin_spec  # the package root's (no cycle at import time)
 
     with torch.no_grad():
-        lower = margin_lower_bounds(model, x, y, eps, "alpha-crown")[0] if lower is None else lower
+        lower = margin_lower_bounds(model, x, y, eps, "alpha-crown", alpha)[0] if lower is None else lower
     if bool((lower > 0).all()):
         return Decision("verified", None, "alpha-crown")
     spec = margin_spec(y, lower.numel() + 1, x.dtype)[0]

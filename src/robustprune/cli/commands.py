@@ -148,6 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from robustprune import verification
+    from robustprune.bounds import AlphaSettings
     from robustprune.export import load, read_metadata
     from robustprune.infra.fileio import write_json
 
@@ -159,6 +160,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    alpha = AlphaSettings(args.alpha_iterations, args.alpha_lr, args.alpha_intermediate)
     cfg = _checkpoint_config(args, read_metadata(args.checkpoint))
     if cfg.threat.norm != "linf":
         raise UserError(f"the verifiers bound the L∞ ball; threat.norm is {cfg.threat.norm}")
@@ -169,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         n = min(len(data.test), args.n or cfg.evaluate.n_samples or len(data.test))
         x, y = data.test.x[:n].to(device).double(), data.test.y[:n].to(device)
         found = verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed, args.timeout,
-                                      progress=True)
+                                      progress=True, alpha=alpha)
         result = verification.summary(found, args.method, cfg.threat.eps)
         if out is not None:
             write_json(out, result)

@@ -91,6 +91,11 @@ def _add_pipeline_commands(sub) -> None:
     _add_config_args(p)
     p.add_argument("--method", default="crown", help="ibp, crown-ibp, crown, alpha-crown or bab (default crown)")
     p.add_argument("--timeout", type=float, default=30.0, help="bab: seconds per image before it is unknown")
+    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown (and bab's first bound): "
+                                                                     "gradient steps on the ReLU slopes (default 20)")
+    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown: Adam's step on the slopes (default 0.1)")
+    p.add_argument("--alpha-intermediate", action="store_true",
+                   help="alpha-crown: also optimise the intermediate bounds (tighter, ~20x slower)")
     p.add_argument("--n", type=int, help="the first n evaluated images (default evaluate.n_samples, else all)")
     p.add_argument("--json", action="store_true", help="print the summary and the per-image verdicts as JSON")
     p.add_argument("--out", help="also write the JSON here")
