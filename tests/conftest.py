@@ -61,3 +61,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+WALL_TIMES = ("time_s", "seconds_per_sample", "median_s", "worst_s")
+
+
+def without_wall_times(value):
+    """``value`` (nested dicts and lists) without its wall-time entries: what two identical runs share."""
+    if isinstance(value, dict):
+        return {k: without_wall_times(v) for k, v in value.items() if k not in WALL_TIMES}
+    if isinstance(value, list):
+        return [without_wall_times(v) for v in value]
+    return value
