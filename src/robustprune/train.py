@@ -90,6 +90,7 @@ def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig,
     loop.open_bar(first_epoch)
     for epoch in range(first_epoch, cfg.epochs):
         record = loop.epoch(epoch)
+        loop.plain_line(record)
         history.append(record)
         if o.metrics_path is not None:
             append_jsonl(o.metrics_path, record)
@@ -120,6 +121,14 @@ class _Loop:
     def open_bar(self, first_epoch: int) -> None:
         self.bar = tqdm(total=self.cfg.epochs * self.steps, initial=first_epoch * self.steps, desc=self.options.stage,
                         unit="batch", leave=False, disable=self.options.quiet or not sys.stderr.isatty())
+
+    def plain_line(self, record: dict) -> None:
+        """Where no bar is drawn (stderr is a batch job's log, not a terminal), one line per finished epoch."""
+        if self.options.quiet or sys.stderr.isatty() or not distributed.is_main():
+            return
+        print(f"{self.options.stage} epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}  "
+              f"train acc {record['train_acc']:.3f}  ε {record['eps']:.4g}  ({record['time_s']:.1f} s)",
+              file=sys.stderr, flush=True)
 
     def epoch(self, epoch: int) -> dict:
         """One pass over the data in a fresh random order; its record (a diverged epoch raises, logged first)."""

@@ -1,5 +1,6 @@
 """Output folders and files (``outdir``): ``--force`` replaces only a folder robustprune marked, one writer per folder
-at a time (a second one is refused at once, naming the holder; a killed holder blocks nothing), ``sweep --out`` and
+at a time (a second run is refused at once, naming the holder; a killed holder blocks nothing; two sweeps share one
+folder: tests/integration/test_sweep_backends.py), ``sweep --out`` and
 default folder names stay safe, any legal file name can be written, an unwritable ``--out`` fails before any work,
 ``report`` re-points a moved run's artifacts, and a diverged training run exits 1 with one line."""
 from __future__ import annotations
@@ -31,7 +32,6 @@ TINY = ["--quiet", *SETS]
 # a run that trains long enough (~10 s after a ~4 s start) for a second process to start, fail and exit meanwhile
 EPOCHS = 60
 LONG = [*TINY, "--set", f"pretrain.epochs={EPOCHS}", "--set", "finetune.epochs=1", "--set", "objective.steps=10"]
-SWEEP = ["--compression", "1,2", *LONG]
 
 
 class Reached(BaseException):
@@ -118,9 +118,12 @@ def test_a_locked_folder_or_file_is_refused_at_once_naming_the_holder(finished_r
     before = _files(finished_run)
     with outdir.lock_folder(finished_run):  # as another process holds it (flock: per open file, so in-process too)
         for argv in (["run", "--out", str(finished_run), "--force"], ["run", "--out", str(finished_run), "--resume"],
-                     ["sweep", "--out", str(finished_run), "--compression", "2"], ["report", str(finished_run)]):
+                     ["report", str(finished_run)]):
             line = _refused(capsys, argv)
             assert "in use by another robustprune process" in line and f"pid {os.getpid()} " in line, argv
+        # sweeps share their folders (their lock is brief and waited for), so a sweep is refused for the folder's kind
+        line = _refused(capsys, ["sweep", "--out", str(finished_run), "--compression", "2"])
+        assert "is a robustprune run folder, not a sweep folder" in line
     assert _files(finished_run) == before
     target = tmp_path / "model.safetensors"
     with outdir.lock_file(target):
@@ -166,16 +169,6 @@ def test_two_runs_on_one_folder(tmp_path):
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [("pretrain", e) for e in range(1, EPOCHS + 1)] + [("finetune", 1)]
     assert [(e["stage"], e["epoch"]) for e in epochs] == expected
-    assert not list(out.glob(".*.tmp")) and not (out / outdir.LOCK).exists()
-
-
-def test_two_sweeps_on_one_folder(tmp_path):
-    out = tmp_path / "sweep"
-    _one_proceeds([_cli("sweep", "--out", str(out), *SWEEP) for _ in range(2)])
-    result = json.loads((out / "sweep.json").read_text())
-    assert sorted(p["compression"] for p in result["points"]) == [1.0, 2.0]
-    assert [json.loads(p.read_text())["key"] for p in sorted((out / "points").glob("*.json"))]
-    assert json.loads((out / outdir.MARKER).read_text())["kind"] == "sweep"
     assert not list(out.glob(".*.tmp")) and not (out / outdir.LOCK).exists()
 
 

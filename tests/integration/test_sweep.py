@@ -52,17 +52,17 @@ def test_a_sweep_writes_records_tables_and_plots(tiny_sweep):
 def test_a_resumed_sweep_recomputes_nothing_finished(tiny_sweep, monkeypatch):
     out, result = tiny_sweep
     import robustprune.pipeline as pipeline
-    sweep_module = sys.modules["robustprune.sweep"]
+    tasks = sys.modules["robustprune.sweep.tasks"]
     (out / "points" / "pgd--pgd--magnitude--4x.json").unlink()  # as if interrupted before the last point
     calls = {"pretrain": 0, "points": []}
     monkeypatch.setattr(pipeline, "pretrain", lambda *a, **k: calls.__setitem__("pretrain", calls["pretrain"] + 1))
-    real = sweep_module._run_point
-    monkeypatch.setattr(sweep_module, "_run_point", lambda cfg, point, *a, **k: calls["points"].append(point.key)
+    real = tasks._point
+    monkeypatch.setattr(tasks, "_point", lambda cfg, point, *a, **k: calls["points"].append(point.key)
                         or real(cfg, point, *a, **k))
     again = sweep(load_config(None, TINY), out, [1, 4], ["benign", "pgd"], ["pgd"], quiet=True, log=lambda _: None)
     assert calls == {"pretrain": 0, "points": ["pgd--pgd--magnitude--4x"]}
     def results(points):
-        return [{k: v for k, v in p.items() if k != "time_s"} for p in json.loads(json.dumps(points))]
+        return [{k: v for k, v in p.items() if k not in ("time_s", "worker")} for p in json.loads(json.dumps(points))]
     assert results(again["points"]) == results(result["points"])  # seeded: the recomputed point is the same
 
 

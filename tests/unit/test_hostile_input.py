@@ -78,7 +78,7 @@ def no_training(monkeypatch, tmp_path):
     for name in ("pretrain", "prune_model", "finetune", "measure"):
         monkeypatch.setattr(pipeline, name, _stop)
     monkeypatch.setattr(robustprune.verification, "verdicts", _stop)  # `verify` bounds and attacks: stop there
-    monkeypatch.setattr(robustprune.sweep, "_pretrained", _stop)
+    monkeypatch.setattr(robustprune.sweep, "_run_sweep", _stop)
     monkeypatch.setattr(download, "download", _stop)
     empty = tmp_path / "empty-data-root"
     empty.mkdir()

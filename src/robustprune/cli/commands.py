@@ -192,8 +192,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("sweeps") / outdir.folder_name(cfg.name)
     sweep(cfg, out, compressions, _names(args.pretrain_objectives), _names(args.finetune_objectives),
-          _names(args.rules), quiet=args.quiet)
+          _names(args.rules), quiet=args.quiet, backend=_backend(args))
     print(f"\nsweep folder: {out} (sweep.md, sweep.json, plots/)")
+
+
+def _backend(args: argparse.Namespace):
+    from robustprune.sweep import BackendOptions
+
+    slurm = {"slurm_partition": args.slurm_partition, "timeout_min": args.slurm_time,
+             "gpus_per_node": args.slurm_gpus, "cpus_per_task": args.slurm_cpus, "cluster": args.slurm_cluster}
+    workers = args.workers if args.workers is not None else 1 if args.backend == "local" else 0
+    return BackendOptions(args.backend, workers, args.address, {k: v for k, v in slurm.items() if v is not None})
 
 
 def cmd_report(args: argparse.Namespace) -> None:

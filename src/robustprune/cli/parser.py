@@ -101,6 +101,10 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
+    _add_sweep_command(sub)
+
+
+def _add_sweep_command(sub) -> None:
     p = sub.add_parser("sweep", help="accuracy against compression for objective pairs and rules (resumable)")
     _add_config_args(p)
     p.add_argument("--compression", required=True, help="comma-separated compressions, e.g. 1,2,5,10,20,50,100")
@@ -109,6 +113,16 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--rules", help="comma-separated pruning rules (default: the config's)")
     p.add_argument("--out", help="sweep folder (default: sweeps/<config name>); run again to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int,
+                   help="local: worker processes, each with its share of the cores (default 1: this process); "
+                        "ray / slurm: tasks at once (default 0: no cap)")
+    p.add_argument("--backend", default="local", help="local (default), ray or slurm (through submitit)")
+    p.add_argument("--address", help="ray: the cluster's address HOST:PORT (default: start a local one)")
+    p.add_argument("--slurm-partition", help="slurm: the partition")
+    p.add_argument("--slurm-time", type=int, help="slurm: minutes per task (default 60)")
+    p.add_argument("--slurm-gpus", type=int, help="slurm: GPUs per task (default 0)")
+    p.add_argument("--slurm-cpus", type=int, default=1, help="slurm: CPU cores (and threads) per task (default 1)")
+    p.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # submitit's "local" for tests
 
 
 def _add_file_commands(sub) -> None:

@@ -78,6 +78,10 @@ def check_writable(folder: Path, what: str) -> None:
 # -------------------------------------------------------------------------------------------------------- lock
 
 
+class FolderInUse(UserError):
+    """Another live process holds the lock."""
+
+
 class Lock:
     """An flock held by this process on ``path`` until ``release`` (a context manager: released on exit)."""
 
@@ -110,7 +114,7 @@ def acquire(path: Path, what: str) -> Lock:
             raise
         if holder is not None:
             os.close(fd)
-            raise UserError(_in_use(what, holder))
+            raise FolderInUse(_in_use(what, holder))
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder released (and removed) this file between our open and our lock: take the new one
@@ -214,15 +218,16 @@ def check_folder(out: Path, kind: str, *, force: bool = False, resume: bool = Fa
     """May ``out`` become (or stay) a ``kind`` folder of this process? Read-only; refuses with UserError.
 
     A run folder is new or empty, or replaced (``force``: it must hold a run marker) or continued (``resume``); a
-    sweep folder is new or empty, or a sweep folder (continued). A folder in use is refused for that reason first."""
-    holder = _held(out / LOCK) if out.is_dir() else None
+    sweep folder is new or empty, or a sweep folder (continued). A run folder in use is refused for that reason
+    first; sweep commands share their folder (its lock guards a few writes only, and is waited for)."""
+    holder = _held(out / LOCK) if out.is_dir() and kind != SWEEP else None
     if holder is None:
         try:
             _check_state(out, kind, force=force, resume=resume)
             return
         except UserError:
             # another writer may have created and claimed the folder since the first look: say so, not "not empty"
-            holder = _held(out / LOCK) if out.is_dir() else None
+            holder = _held(out / LOCK) if out.is_dir() and kind != SWEEP else None
             if holder is None:
                 raise
     raise UserError(_in_use(f"--out {out}", holder))
