@@ -100,6 +100,7 @@ def test_two_sweep_commands_on_one_folder_share_the_points(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers must be >= 1"),
     (["--backend", "kubernetes"], "unknown backend 'kubernetes'"),
+    (["--backend", "ray", "--gpus-per-task", "-1"], "--gpus-per-task must be >= 0"),
     (["--backend", "ray", "--address", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
     (["--backend", "ray", "--address", "nonsense"], "--address must be HOST:PORT"),
 ])

@@ -200,9 +200,11 @@ def _backend(args: argparse.Namespace):
     from robustprune.sweep import BackendOptions
 
     slurm = {"slurm_partition": args.slurm_partition, "timeout_min": args.slurm_time,
-             "gpus_per_node": args.slurm_gpus, "cpus_per_task": args.slurm_cpus, "cluster": args.slurm_cluster}
+             "gpus_per_node": args.gpus_per_task or None, "cpus_per_task": args.slurm_cpus,
+             "cluster": args.slurm_cluster}
     workers = args.workers if args.workers is not None else 1 if args.backend == "local" else 0
-    return BackendOptions(args.backend, workers, args.address, {k: v for k, v in slurm.items() if v is not None})
+    return BackendOptions(args.backend, workers, args.address, {k: v for k, v in slurm.items() if v is not None},
+                          args.gpus_per_task)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -120,7 +120,8 @@ def _add_sweep_command(sub) -> None:
     p.add_argument("--address", help="ray: the cluster's address HOST:PORT (default: start a local one)")
     p.add_argument("--slurm-partition", help="slurm: the partition")
     p.add_argument("--slurm-time", type=int, help="slurm: minutes per task (default 60)")
-    p.add_argument("--slurm-gpus", type=int, help="slurm: GPUs per task (default 0)")
+    p.add_argument("--gpus-per-task", type=int, default=0,
+                   help="ray / slurm: GPUs each task asks for (default 0); local workers take the GPUs in turn")
     p.add_argument("--slurm-cpus", type=int, default=1, help="slurm: CPU cores (and threads) per task (default 1)")
     p.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # submitit's "local" for tests
 

@@ -75,11 +75,14 @@ def _run_sweep(cfg: Config, out: Path, todo: list[Point], pretrain: list[str], d
     plots."""
     from robustprune.report.plots import sweep_plots  # matplotlib only when plots are drawn: the CLI starts faster
 
-    dense = run_wave(out, [Task(PRETRAIN, name) for name in pretrain], backend, data, quiet, log)
-    done = run_wave(out, [Task(POINT, p.pretrain, p) for p in todo], backend, data, quiet, log)
+    # one wave: a point whose pre-training is not done does it or waits for it (tasks.run_task), so a worker free
+    # early starts the points of a short pre-training while a long one still runs
+    tasks = [Task(PRETRAIN, name) for name in pretrain] + [Task(POINT, p.pretrain, p) for p in todo]
+    done = run_wave(out, tasks, backend, data, quiet, log)
+    dense = {name: done[f"pretrained-{name}"] for name in pretrain}
     result = finite({"robustprune_version": __version__, "config": cfg.to_dict(),
                      "threat": {"norm": cfg.threat.norm, "eps": cfg.threat.eps},
-                     "dense": {name: dense[f"pretrained-{name}"] for name in pretrain},
+                     "dense": dense,
                      "points": [done[p.key] for p in todo]})
     with _folder_lock(out, cfg):  # two sweep commands that finish together write these one after the other
         result["plots"] = [p.relative_to(out).as_posix() for p in sweep_plots(result, out / "plots")]  # portable

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from robustprune.infra.errors import UserError
 from robustprune.sweep.tasks import Task, run_task
 
@@ -29,7 +31,8 @@ class BackendOptions:
     name: str = "local"  # local | ray | slurm
     workers: int = 1  # local: worker processes (1: this process only); ray / slurm: tasks at once (0: no cap)
     address: str | None = None  # ray: the cluster (None: a local one)
-    slurm: dict[str, Any] = field(default_factory=dict)  # submitit's slurm_* parameters (partition, time, gpus)
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit's parameters (slurm_partition, timeout_min, ...)
+    gpus: int = 0  # ray: GPUs each task asks for (slurm: ``gpus_per_node`` in ``slurm``)
 
     def threads(self) -> int:
         """Intra-op threads per worker: an equal share of this machine's cores."""
@@ -50,6 +53,8 @@ def check(options: BackendOptions) -> None:
         raise UserError(f"unknown backend {options.name!r} (choose from: {', '.join(BACKENDS)})")
     if options.workers < 0 or (options.name == "local" and options.workers < 1):
         raise UserError(f"--workers must be >= 1, got {options.workers}")
+    if options.gpus < 0:
+        raise UserError(f"--gpus-per-task must be >= 0, got {options.gpus}")
     if options.name == "ray":
         _ray(options)
     if options.name == "slurm":
@@ -68,7 +73,9 @@ def start(folder: Path, tasks: list[Task], options: BackendOptions) -> Started:
 
 def _start_local(folder: Path, tasks: list[Task], options: BackendOptions) -> Started:
     pool = concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(run_task, str(folder), task, threads=options.threads()) for task in tasks]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    futures = [pool.submit(run_task, str(folder), task, threads=options.threads(),
+                           device=f"cuda:{i % gpus}" if gpus else None) for i, task in enumerate(tasks)]
     return Started(lambda: all(f.done() for f in futures), lambda: pool.shutdown(wait=True, cancel_futures=True))
 
 
@@ -102,7 +109,7 @@ def _reachable(address: str | None) -> None:
 def _start_ray(folder: Path, tasks: list[Task], options: BackendOptions) -> Started:
     ray = _ray(options)
     threads = options.threads() if options.workers else 1
-    remote = ray.remote(num_cpus=threads)(run_task)
+    remote = ray.remote(num_cpus=threads, num_gpus=options.gpus)(run_task)
     refs = [remote.remote(str(folder), task, threads=threads) for task in tasks]
     return Started(lambda: len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs))
 

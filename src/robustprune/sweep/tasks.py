@@ -24,6 +24,7 @@ from robustprune.report import STAGE_FIELDS, finite
 from robustprune.train import FitOptions
 
 PRETRAIN, POINT = "pretrain", "point"
+WAIT_S = 0.5  # how often a point waiting for another worker's pre-training looks again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +66,16 @@ def point_config(cfg: Config, point: Point) -> Config:
     return dataclasses.replace(cfg, prune=prune, objective=objective, finetune_objective=finetune_objective)
 
 
-def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None = None, quiet: bool = True) -> bool:
+def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None = None, device: str | None = None,
+             quiet: bool = True) -> bool:
     """Do ``task`` unless it is done or claimed by a live worker; True when this call did it. ``data``: the dataset
     when the caller holds it (a worker loads it from the stored config); ``threads``: this worker's share of the
-    cores (None: the config's ``threads``)."""
+    cores (None: the config's ``threads``); ``device``: this worker's GPU (None: the config's ``device``)."""
     folder = Path(folder)
     if task.result(folder).is_file():
         return False
+    if task.point is not None:
+        _wait_for_pretraining(folder, task.point.pretrain, data, threads, quiet)
     claim = claims.try_claim(task.claim_path(folder))
     if claim is None:
         return False
@@ -80,7 +84,8 @@ def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None =
             return False
         cfg = load_stored(folder / "config.yaml")
         cfg = cfg if threads is None else dataclasses.replace(cfg, threads=threads)
-        data = pipeline.load_data(cfg) if data is None else data
+        cfg = cfg if device is None else dataclasses.replace(cfg, device=device)
+        data = _data(folder, cfg) if data is None else data
         started = time.perf_counter()
         if task.point is None:
             _pretrain(cfg, task.objective, data, task.result(folder), started, quiet)
@@ -89,6 +94,25 @@ def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None =
             record.update(time_s=round(time.perf_counter() - started, 2), worker=_worker())
             write_json(task.result(folder), finite(record))
     return True
+
+
+def _wait_for_pretraining(folder: Path, objective: str, data, threads: int | None, quiet: bool) -> None:
+    """A point needs its pre-trained checkpoint: do the pre-training here if nobody holds it, else wait for its live
+    worker (so a point started early — Ray and Slurm keep no order — never waits on work nobody does)."""
+    pretraining = Task(PRETRAIN, objective)
+    while not pretraining.result(folder).is_file():
+        if not run_task(folder, pretraining, data=data, threads=threads, quiet=quiet):
+            time.sleep(WAIT_S)
+
+
+_DATA: dict[str, object] = {}  # a worker process loads a sweep's dataset once, for all its tasks of that folder
+
+
+def _data(folder: Path, cfg: Config):
+    key = str(folder.resolve())  # one folder, one config (resuming with another one is refused)
+    if key not in _DATA:
+        _DATA[key] = pipeline.load_data(cfg)
+    return _DATA[key]
 
 
 def _pretrain(cfg: Config, name: str, data, path: Path, started: float, quiet: bool) -> None:

@@ -1,4 +1,4 @@
-"""One wave of tasks (the pre-trainings, then the points) through a backend, watched from this process: a line per
+"""A sweep's tasks (the pre-trainings, then the points) through a backend, watched from this process: a line per
 finished task (which, its headline figures, its time, its worker), a bar with the ETA on a terminal, and every task
 the backend left undone — a dead worker's, or all of them in-process — done here, under the same claims.
 """
@@ -15,7 +15,7 @@ from robustprune.report import METRICS
 from robustprune.sweep import backends
 from robustprune.sweep.tasks import Task, finished, run_task
 
-POLL_S = 1.0  # how often a waiting sweep looks at the folder
+POLL_S = 0.25  # how often a waiting sweep looks at the folder (a few stat calls)
 
 
 def run_wave(folder: Path, tasks: list[Task], options: backends.BackendOptions, data, quiet: bool,
