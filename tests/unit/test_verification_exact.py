@@ -177,3 +177,14 @@ def test_evaluate_reports_bab_beside_the_bound_methods():
     assert 0 < bab["median_s"] <= bab["worst_s"] and crown["seconds_per_sample"] > 0
     assert bab["verified"] <= round(metrics["robust_acc"] * 40) <= 40 - bab["falsified"] + bab["unknown"] + 5, \
         "PGD-20 leaves unbroken at most a few of the images bab falsifies"
+
+
+def test_the_report_carries_bab_figures_and_renders_them():
+    from robustprune.report import build_report, stage_table
+
+    figures = {"crown": {"verified": 3, "n": 10, "seconds_per_sample": 0.01},
+               "bab": {"verified": 6, "falsified": 2, "unknown": 2, "n": 10, "median_s": 1.25, "worst_s": 30.5}}
+    report = build_report("0", {}, {"finetuned": {"verified_acc": 0.6, "verification": figures}}, {}, {})
+    assert report["stages"]["finetuned"]["verification"] == figures
+    assert ("Complete verification (bab), verified / falsified / unknown: finetuned: 6 / 2 / 2 of 10 (median 1.2 s, "
+            "worst 30.5 s per sample)") in stage_table(report)
