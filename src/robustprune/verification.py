@@ -3,12 +3,12 @@ concrete point of the ball ∩ [0, 1] that the model misclassifies, re-checked b
 (neither, within the method and the time limit). ``robustprune verify`` prints them as a table and writes JSON.
 
 Incomplete verifiers (IBP, CROWN, α-CROWN) prove or give up; a margin-loss PGD with restarts then looks for a
-counter-example. ``bab`` is complete up to its time limit, in four steps per image: α-CROWN on the whole ball; the
-counter-example search; then, for each margin still open (the lowest bound first), an exact search —
-on a network that is a chain of affine layers and ReLUs, the mixed-integer program of ``bounds/milp.py`` (HiGHS
-branches on the unstable ReLUs with LP bounds, on a program that holds only the unpruned weights and the unstable
-neurons); on any other network the ReLU-split branch and bound of ``bounds/bab.py``. A falsified image is never also
-verified: that would be an unsound bound, and raises.
+counter-example. ``bab``, in three steps per image: α-CROWN on the whole ball; the counter-example search; then,
+for each margin still open (the lowest bound first), an exact search until the time limit — on a network that is a
+chain of affine layers and ReLUs, the mixed-integer program of ``bounds/milp.py`` (complete: HiGHS branches on the
+unstable ReLUs with LP bounds, on a program that holds only the unpruned weights and the unstable neurons); on any
+other network the ReLU-split branch and bound of ``bounds/bab.py`` (sound, not complete). ``evaluate`` raises if an
+image one verifier proves is falsified by ``bab``: that would be an unsound bound.
 """
 from __future__ import annotations
 
