@@ -35,6 +35,8 @@ from robustprune.config import EvalConfig
 from robustprune.data import Split
 from robustprune.infra import distributed
 
+#: Per-sample verification codes gathered over ranks by a sum (each sample is one rank's, the others hold 0).
+VERDICT_CODES = {"unknown": 0, "verified": 1, "falsified": 2}
 #: The gradient-free check that joins the configured attacks unless a gradient-free one already runs.
 MASKING_CHECK = "square"
 
@@ -257,7 +259,7 @@ def verify_all(model: nn.Module, test: Split, threat: Threat, cfg: EvalConfig, n
     count = n if cfg.verify_n_samples is None else min(n, cfg.verify_n_samples)
     flags, figures = {}, {}
     for method in cfg.verifiers:
-        verdicts = torch.zeros(count, dtype=torch.int64)  # per sample: 1 verified, 2 falsified, 0 neither
+        verdicts = torch.zeros(count, dtype=torch.int64)  # per sample: VERDICT_CODES
         seconds = torch.zeros(count, dtype=torch.float64)
         for start in distributed.my_starts(range(0, count, batch_size)):
             stop = min(start + batch_size, count)
@@ -283,8 +285,8 @@ def _verify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         from robustprune import verification  # scipy's solver, only when asked for
 
         found = verification.verdicts(model, x, y, eps, "bab", timeout=cfg.verify_timeout)
-        codes = torch.tensor([verification.VERDICTS.index(v.verdict) for v in found])  # verified 0, falsified 1
-        return torch.where(codes == 2, 0, codes + 1), torch.tensor([v.seconds for v in found], dtype=torch.float64)
+        codes = torch.tensor([VERDICT_CODES[v.verdict] for v in found], dtype=torch.int64)
+        return codes, torch.tensor([v.seconds for v in found], dtype=torch.float64)
     started = time.perf_counter()
     proved = verify(model, x, y, eps, method).cpu()
     return proved.long(), torch.full((len(x),), (time.perf_counter() - started) / len(x), dtype=torch.float64)

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustprune.attacks import pgd
-from robustprune.bounds import VERIFIERS, AlphaSettings, bab, build_graph, margin_lower_bounds, milp, verify
+from robustprune.bounds import VERIFIERS, AlphaSettings, bab, build_graph, milp, verify
+from robustprune.bounds.bab import Found
 
 VERDICTS = ("verified", "falsified", "unknown")
 FALSIFY_STEPS, FALSIFY_RESTARTS = 100, 5  # the counter-example search on an image no verifier proved
-Found = tuple[int, torch.Tensor]  # a counter-example: the class the model gives it, the point (1, *shape)
 
 
 @dataclass(frozen=True)
@@ -78,26 +78,16 @@ def _bound_then_attack(model: nn.Module, image: torch.Tensor, label: torch.Tenso
 
 def _bab(model: nn.Module, chain, image: torch.Tensor, label: torch.Tensor, eps: float,
          deadline: float, alpha: AlphaSettings | None) -> tuple[str, Found | None, str | None]:
-    """α-CROWN; the counter-example search (cheaper than the exact one on a non-robust image); ``bab.decide``."""
-    with torch.no_grad():
-        lower = margin_lower_bounds(model, image, label, eps, "alpha-crown", alpha)[0]
-    if bool((lower > 0).all()):
-        return "verified", None, "alpha-crown"
-    found = _counterexample(model, image, label, eps)
-    if found is not None:
-        return "falsified", found, "attack"
-    decision = bab.decide(model, image, label, eps, deadline, chain, lower)
-    found = None if decision.point is None else (int(model(decision.point).argmax(1)[0]), decision.point)
-    return decision.verdict, found, decision.step
+    decision = bab.decide(model, image, label, eps, deadline, chain, alpha,
+                          attack=lambda: _counterexample(model, image, label, eps))
+    return decision.verdict, decision.found, decision.step
 
 
 def _counterexample(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float) -> Found | None:
     """A point of the ball ∩ [0, 1] the model misclassifies (with its class), or None."""
     start = image.to(bab.model_dtype(model))  # the attack runs the model in its own precision
-    point = bab.misclassified(model, image, label, eps,
-                              pgd(model, start, label, eps, FALSIFY_STEPS, restarts=FALSIFY_RESTARTS, loss="margin"))
-    with torch.no_grad():
-        return None if point is None else (int(model(point).argmax(1)[0]), point)
+    return bab.misclassified(model, image, label, eps,
+                             pgd(model, start, label, eps, FALSIFY_STEPS, restarts=FALSIFY_RESTARTS, loss="margin"))
 
 
 def summary(results: list[Verdict], method: str, eps: float) -> dict:

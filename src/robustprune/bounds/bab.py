@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from robustprune.bounds import milp
-from robustprune.bounds.alpha import AlphaSettings
+from robustprune.bounds.alpha import AlphaSettings, alpha_bounds
 from robustprune.bounds.graph import Graph
 from robustprune.bounds.propagate import backward_bound, crown_bounds, input_box, interval_pass
 from robustprune.bounds.relu import ReLUBound
@@ -46,54 +47,60 @@ class BaBResult:
     timed_out: bool
 
 
+Found = tuple[int, torch.Tensor]  # a counter-example: the class the model gives it, the point (1, *shape)
+
+
 @dataclass(frozen=True)
 class Decision:
     verdict: str  # verified | falsified | unknown
-    point: torch.Tensor | None  # falsified: a point of the ball ∩ [0, 1] (1, *shape) the model misclassifies
-    step: str | None  # what decided: "alpha-crown", "milp" or "branches"
+    found: Found | None  # falsified: a point of the ball ∩ [0, 1] the model misclassifies, and its class
+    step: str | None  # what decided: "alpha-crown", "attack", "milp" or "branches"
 
 
 def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, deadline: float,
-           chain: list[milp.Segment] | None, lower: torch.Tensor | None = None,
-           alpha: AlphaSettings | None = None) -> Decision:
-    """The verdict of one image ``x`` (1, *shape): α-CROWN (its margin bounds ``lower`` (classes − 1,) when the caller
-    has them), then the exact search margin by margin until ``deadline`` (a ``time.perf_counter()`` value).
-    ``chain``: the model's :func:`milp.affine_chain` (None: ReLU splits)."""
-    from robustprune.bounds import margin_lower_bounds, margin_spec  # the package root's (no cycle at import time)
+           chain: list[milp.Segment] | None, alpha: AlphaSettings | None = None,
+           attack: Callable[[], Found | None] | None = None) -> Decision:
+    """The verdict of one image ``x`` (1, *shape): α-CROWN; ``attack`` (a counter-example search, cheaper than the
+    exact one on a non-robust image) when given; then the exact search margin by margin until ``deadline`` (a
+    ``time.perf_counter()`` value). ``chain``: the model's :func:`milp.affine_chain` (None: ReLU splits)."""
+    from robustprune.bounds import margin_spec  # the package root's (no cycle at import time)
 
+    graph, box = build_graph(model), input_box(x, eps)
     with torch.no_grad():
-        lower = margin_lower_bounds(model, x, y, eps, "alpha-crown", alpha)[0] if lower is None else lower
+        spec = margin_spec(y, interval_pass(graph, box)[graph.output][0].shape[1], x.dtype)
+        lower, bounds = alpha_bounds(graph, box, spec, alpha or AlphaSettings())
+    lower = lower[0]
     if bool((lower > 0).all()):
         return Decision("verified", None, "alpha-crown")
-    spec = margin_spec(y, lower.numel() + 1, x.dtype)[0]
-    specs = spec[[int(r) for r in lower.argsort() if lower[r] <= 0]]  # the open margins, the lowest bound first
+    found = attack() if attack is not None else None
+    if found is not None:
+        return Decision("falsified", found, "attack")
+    specs = spec[0, [int(r) for r in lower.argsort() if lower[r] <= 0]]  # the open margins, the lowest bound first
     if chain is None:
         left = max(deadline - time.perf_counter(), 0.0)
         proved = branch_and_bound(model, x, y, eps, left, spec=specs.unsqueeze(0)).verified
         return Decision("verified", None, "branches") if proved else Decision("unknown", None, None)
-    graph = build_graph(model)
-    with torch.no_grad():
-        encoding = milp.encode(chain, crown_bounds(graph, input_box(x, eps), "crown", stop=graph.output - 1))
+    encoding = milp.encode(chain, bounds)  # α-CROWN's pre-activation bounds (full CROWN's, or tighter)
     for row in specs:
         search = milp.search(encoding, row.cpu().numpy(), deadline - time.perf_counter())
         if search.verdict == "candidate":
-            point = misclassified(model, x, y, eps, torch.from_numpy(search.point).to(x).view_as(x))
-            return Decision("falsified", point, "milp") if point is not None else Decision("unknown", None, None)
+            found = misclassified(model, x, y, eps, torch.from_numpy(search.point).to(x).view_as(x))
+            return Decision("falsified", found, "milp") if found is not None else Decision("unknown", None, None)
         if search.verdict == "unknown":
             return Decision("unknown", None, None)
     return Decision("verified", None, "milp")
 
 
-def misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  point: torch.Tensor) -> torch.Tensor | None:
-    """``point`` clipped into the ball ∩ [0, 1] (a solver's point may sit a hair outside) if the model misclassifies
-    it there by a plain forward pass — the check every counter-example passes — else None."""
+def misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, point: torch.Tensor) -> Found | None:
+    """(the class the model gives it, ``point``) with the point clipped into the ball ∩ [0, 1] (a solver's point may
+    sit a hair outside), if a plain forward pass there misclassifies it — the check every counter-example passes —
+    else None."""
     low, high = input_box(x, eps)
     point = torch.maximum(torch.minimum(point, high), low).to(model_dtype(model, point.dtype))
     inside = bool((point - x).abs().max() <= eps + 1e-7) and bool(point.min() >= 0) and bool(point.max() <= 1)
     with torch.no_grad():
-        wrong = int(model(point).argmax(1)[0]) != int(y[0])
-    return point if inside and wrong else None
+        predicted = int(model(point).argmax(1)[0])
+    return (predicted, point) if inside and predicted != int(y[0]) else None
 
 
 def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -110,9 +117,9 @@ def branch_and_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     graph = build_graph(model)
     box = input_box(x, eps)
     with torch.no_grad():
-        spec = margin_spec(y, interval_pass(graph, box)[graph.output][0].shape[1], x.dtype) if spec is None else spec
-        pre_activations = [node.inputs[0] for node in graph.nodes if isinstance(node.op, ReLUBound)]
         shapes = {index: low.shape[1:] for index, (low, _) in interval_pass(graph, box).items()}
+        spec = margin_spec(y, shapes[graph.output][0], x.dtype) if spec is None else spec
+        pre_activations = [node.inputs[0] for node in graph.nodes if isinstance(node.op, ReLUBound)]
         pending: list[tuple[Split, ...]] = [()]
         bounded = 0
         while pending:

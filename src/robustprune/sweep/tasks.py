@@ -75,7 +75,7 @@ def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None =
     if task.result(folder).is_file():
         return False
     if task.point is not None:
-        _wait_for_pretraining(folder, task.point.pretrain, data, threads, quiet)
+        _wait_for_pretraining(folder, task.point.pretrain, data, threads, device, quiet)
     claim = claims.try_claim(task.claim_path(folder))
     if claim is None:
         return False
@@ -90,18 +90,19 @@ def run_task(folder: str | Path, task: Task, *, data=None, threads: int | None =
         if task.point is None:
             _pretrain(cfg, task.objective, data, task.result(folder), started, quiet)
         else:
-            record = _point(cfg, task.point, folder / f"pretrained-{task.point.pretrain}.safetensors", data, quiet)
+            record = _point(cfg, task.point, Task(PRETRAIN, task.point.pretrain).result(folder), data, quiet)
             record.update(time_s=round(time.perf_counter() - started, 2), worker=_worker())
             write_json(task.result(folder), finite(record))
     return True
 
 
-def _wait_for_pretraining(folder: Path, objective: str, data, threads: int | None, quiet: bool) -> None:
+def _wait_for_pretraining(folder: Path, objective: str, data, threads: int | None, device: str | None,
+                          quiet: bool) -> None:
     """A point needs its pre-trained checkpoint: do the pre-training here if nobody holds it, else wait for its live
     worker (so a point started early — Ray and Slurm keep no order — never waits on work nobody does)."""
     pretraining = Task(PRETRAIN, objective)
     while not pretraining.result(folder).is_file():
-        if not run_task(folder, pretraining, data=data, threads=threads, quiet=quiet):
+        if not run_task(folder, pretraining, data=data, threads=threads, device=device, quiet=quiet):
             time.sleep(WAIT_S)
 
 

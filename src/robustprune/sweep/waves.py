@@ -22,7 +22,7 @@ def run_wave(folder: Path, tasks: list[Task], options: backends.BackendOptions, 
              log: Callable[[str], None]) -> dict[str, dict]:
     """Every task of the wave done (by anyone); their result records by key."""
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(tasks), unit="task", desc=tasks[0].kind if tasks else "", leave=False,
+    bar = tqdm(total=len(tasks), unit="task", desc="sweep", leave=False,
                disable=quiet or not sys.stderr.isatty())
     for task in tasks:  # done before: reported once, not recomputed
         if (record := finished(folder, task)) is not None:
