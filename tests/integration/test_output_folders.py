@@ -233,6 +233,23 @@ def test_a_marked_sweep_folder_and_an_old_unmarked_one_are_continued(tmp_path, m
             main(["sweep", "--out", str(folder), "--compression", "2", "--quiet"])
 
 
+def test_a_folder_holding_only_another_commands_write_in_flight_counts_as_new(tmp_path, monkeypatch):
+    # two sweep commands started together: one is writing the marker (or probing) when the other looks
+    monkeypatch.setattr(robustprune.sweep, "_run_sweep", lambda *a, **k: _stop())
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / outdir.LOCK).write_text("")
+    (folder / ".rp-a1b2c3d4.tmp").write_text('{"kind": "sw')  # a marker half-written by the other command
+    with pytest.raises(Reached):
+        main(["sweep", "--out", str(folder), "--compression", "2", "--quiet"])
+    assert outdir.read_marker(folder)["kind"] == outdir.SWEEP
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".rp-zzzzzzzz.tmp").write_text("left by a killed writer")
+    outdir.claim_folder(run, outdir.RUN, "default", force=True).release()
+    assert [p.name for p in run.iterdir()] == [outdir.MARKER]  # the leftover removed, the released lock too
+
+
 @pytest.mark.parametrize("name, expected", [("../../x", "x"), ("a/b", "a-b"), ("..", "unnamed"), ("", "unnamed"),
                                             ("ok_name-1.2", "ok_name-1.2"), ("é x", "x"), ("a é", "a--"),
                                             ("y" * 300, "y" * 100)])

@@ -13,6 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".rp-", ".tmp"  # every temporary robustprune writes: ``.rp-<8 random>.tmp``
+
+
+def is_temporary(name: str) -> bool:
+    """Is ``name`` one of our write temporaries (a write in flight, a probe, or what a killed writer left)?"""
+    return re.fullmatch(r"\.rp-[^/]{8}\.tmp", name) is not None
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -22,7 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     characters) works, and it matches the stale-temporary glob ``.*.tmp`` a resumed run clears."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".rp-", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as err:  # name the file asked for, not the random temporary name
         raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from robustprune.infra.version import __version__
 from robustprune.infra.errors import UserError
-from robustprune.infra.fileio import write_json
+from robustprune.infra.fileio import TEMPORARY_PREFIX, TEMPORARY_SUFFIX, is_temporary, write_json
 
 MARKER = ".robustprune"
 LOCK = ".robustprune.lock"
@@ -68,7 +68,7 @@ def nearest_folder(path: Path, what: str) -> Path:
 def check_writable(folder: Path, what: str) -> None:
     """Create and remove a probe file in ``folder`` (a short name matching the stale-temporary glob ``.*.tmp``)."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rp-", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=folder)
     except OSError as err:
         raise UserError(f"{what}: cannot write in {folder} ({err.strerror})") from None
     os.close(fd)
@@ -264,8 +264,10 @@ def _old_sweep(out: Path) -> bool:
 
 
 def _contents(out: Path) -> list[Path]:
-    """What the folder holds besides a lock file (a killed writer leaves its lock file behind)."""
-    return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    """What the folder holds besides a lock file (a killed writer leaves its lock file behind) and our temporaries:
+    another command's marker write or writability probe in flight is not content (two sweep commands started together
+    on a new folder would otherwise refuse each other), nor is a killed writer's leftover."""
+    return [p for p in out.iterdir() if p.name != LOCK and not is_temporary(p.name)] if out.is_dir() else []
 
 
 def claim_folder(out: Path, kind: str, config_name: str, *, force: bool = False, resume: bool = False) -> Lock:
@@ -287,8 +289,11 @@ def claim_folder(out: Path, kind: str, config_name: str, *, force: bool = False,
 
 
 def _empty(out: Path) -> None:
-    for path in _contents(out):
+    """Everything but the lock file, stale temporaries too (a probe another command removes first is no error)."""
+    for path in out.iterdir():
+        if path.name == LOCK:
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
-            path.unlink()
+            path.unlink(missing_ok=True)
