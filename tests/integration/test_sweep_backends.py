@@ -37,7 +37,8 @@ def in_process(tmp_path_factory):
 @pytest.mark.parametrize("backend", [BackendOptions("local", 2), BackendOptions("ray", 2),
                                      BackendOptions("slurm", 2, slurm={"cluster": "local", "cpus_per_task": 1})],
                          ids=["workers", "ray", "submitit"])
-def test_every_backend_gives_the_in_process_metrics(in_process, tmp_path, backend):
+def test_every_backend_gives_the_in_process_metrics(in_process, tmp_path, backend, capfd):
+    capfd.readouterr()
     lines = []
     result = sweep(load_config(None, TINY), tmp_path / "s", [1, 4], ["pgd"], ["pgd"], quiet=True, log=lines.append,
                    backend=backend)
@@ -49,6 +50,7 @@ def test_every_backend_gives_the_in_process_metrics(in_process, tmp_path, backen
     assert sum(": done before" not in line for line in lines) == 3  # the pre-training and two points, once each
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["points"] == result["points"]
     assert not list((tmp_path / "s" / "points").glob(".*.claim"))
+    assert capfd.readouterr().err == "", "the backend's own start-up lines stay off the console"
 
 
 def _cli(*argv: str) -> subprocess.Popen:

@@ -10,6 +10,7 @@ take all of it (two default runs side by side on 2 cores run no faster than one 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import multiprocessing
 import os
 import socket
@@ -87,7 +88,9 @@ def _ray(options: BackendOptions):
     if not ray.is_initialized():
         _reachable(options.address)
         try:
-            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+            # Ray's start-up notices (a local instance started, token authentication) are not ours to print
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot reach the Ray cluster at {options.address}: {err}".splitlines()[0]) from None
     return ray
