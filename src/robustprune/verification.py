@@ -12,9 +12,13 @@ image one verifier proves is falsified by ``bab``: that would be an unsound boun
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import pickle
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,6 +27,9 @@ from tqdm.auto import tqdm
 from robustprune.attacks import pgd
 from robustprune.bounds import VERIFIERS, AlphaSettings, bab, build_graph, milp, verify
 from robustprune.bounds.bab import Found
+from robustprune.infra.errors import UserError
+from robustprune.infra.runtime import set_threads, threads_per_worker
+from robustprune.pruning.groups import baked_copy
 
 VERDICTS = ("verified", "falsified", "unknown")
 FALSIFY_STEPS, FALSIFY_RESTARTS = 100, 5  # the counter-example search on an image no verifier proved
@@ -44,27 +51,82 @@ METHODS = VERIFIERS.names()
 
 
 def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int = 0,
-             timeout: float = 30.0, progress: bool = False, alpha: AlphaSettings | None = None) -> list[Verdict]:
-    """One verdict per image (one at a time, so each image's time is its own; ``timeout`` bounds ``bab``'s exact
-    search per image). ``progress`` draws a bar over the images on stderr (when it is a terminal); ``alpha``:
-    α-CROWN's settings (``alpha-crown`` and ``bab``'s first bound)."""
+             timeout: float = 30.0, progress: bool = False, alpha: AlphaSettings | None = None,
+             jobs: int = 1) -> list[Verdict]:
+    """One verdict per image (one at a time per process, so each image's time is its own; ``timeout`` bounds
+    ``bab``'s exact search per image). ``progress`` draws a bar over the images on stderr (when it is a terminal);
+    ``alpha``: α-CROWN's settings (``alpha-crown`` and ``bab``'s first bound); ``jobs``: images decided at once, in
+    that many worker processes on the CPU with an equal share of its cores (each image keeps its own seed and time
+    limit, so only the wall time changes)."""
     model.eval()
     x = x.to(torch.float64)  # bounds in float64, so rounding cannot turn a barely negative margin positive
-    chain = milp.chain_of(build_graph(model), x) if method == "bab" else None
-    results = []
-    for index in tqdm(range(len(x)), desc=f"verify ({method})", unit="image",
-                      disable=None if progress else True, leave=False):
-        torch.manual_seed(seed + index)
-        started = time.perf_counter()
-        image, label = x[index:index + 1], y[index:index + 1]
-        if method == "bab":
-            verdict, found, step = _bab(model, chain, image, label, eps, started + timeout, alpha)
-        else:
-            verdict, found, step = _bound_then_attack(model, image, label, eps, method, alpha)
-        results.append(Verdict(index, verdict, time.perf_counter() - started, int(label),
-                               None if found is None else found[0], step,
-                               None if found is None else found[1][0].tolist()))
-    return results
+    with tqdm(total=len(x), desc=f"verify ({method})", unit="image", disable=None if progress else True,
+              leave=False) as bar:
+        if jobs > 1 and len(x) > 1:
+            return _in_workers(model, x, y, eps, method, seed, timeout, alpha, jobs, bar.update)
+        chain = _chain(model, method, x)
+        results = []
+        for index in range(len(x)):
+            results.append(_verdict(model, chain, x, y, index, eps, method, seed, timeout, alpha))
+            bar.update()
+        return results
+
+
+def _chain(model: nn.Module, method: str, x: torch.Tensor) -> list[milp.Segment] | None:
+    return milp.chain_of(build_graph(model), x) if method == "bab" else None
+
+
+def _verdict(model: nn.Module, chain, x: torch.Tensor, y: torch.Tensor, index: int, eps: float, method: str,
+             seed: int, timeout: float, alpha: AlphaSettings | None) -> Verdict:
+    torch.manual_seed(seed + index)
+    started = time.perf_counter()
+    image, label = x[index:index + 1], y[index:index + 1]
+    if method == "bab":
+        verdict, found, step = _bab(model, chain, image, label, eps, started + timeout, alpha)
+    else:
+        verdict, found, step = _bound_then_attack(model, image, label, eps, method, alpha)
+    return Verdict(index, verdict, time.perf_counter() - started, int(label), None if found is None else found[0],
+                   step, None if found is None else found[1][0].tolist())
+
+
+# --------------------------------------------------------------------------------------------- worker processes
+
+_WORKER: dict = {}  # a worker process's model and program chain, set once when it starts
+
+
+def _in_workers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, seed: int,
+                timeout: float, alpha: AlphaSettings | None, jobs: int, done: Callable[[], object]) -> list[Verdict]:
+    """The verdicts from ``jobs`` spawned processes (the model is sent once to each), in the images' order."""
+    cpu = baked_copy(model).cpu()  # masks baked into plain weights (a parametrized module does not pickle)
+    try:
+        pickle.dumps(cpu)
+    except Exception as err:  # a user's network holding a lambda, an open file, ...
+        raise UserError(f"--jobs > 1 sends the model to worker processes, and it cannot be pickled ({err}); "
+                        "use --jobs 1") from None
+    x, y = x.cpu(), y.cpu()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+        initargs=(cpu, method, x[:1], threads_per_worker(jobs)))
+    try:
+        futures = [pool.submit(_worker_verdict, x[i:i + 1], y[i:i + 1], i, eps, method, seed, timeout, alpha)
+                   for i in range(len(x))]
+        for _ in concurrent.futures.as_completed(futures):
+            done()
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(model: nn.Module, method: str, example: torch.Tensor, threads: int) -> None:
+    set_threads(threads)
+    _WORKER.update(model=model, chain=_chain(model, method, example))
+
+
+def _worker_verdict(image: torch.Tensor, label: torch.Tensor, index: int, eps: float, method: str, seed: int,
+                    timeout: float, alpha: AlphaSettings | None) -> Verdict:
+    """One image's verdict in a worker: as in this process, with the image's own index for its seed."""
+    found = _verdict(_WORKER["model"], _WORKER["chain"], image, label, 0, eps, method, seed + index, timeout, alpha)
+    return replace(found, index=index)
 
 
 def _bound_then_attack(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float,

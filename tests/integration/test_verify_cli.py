@@ -25,10 +25,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def verdicts(checkpoint, tmp_path, capsys, method: str) -> dict:
-    out = tmp_path / f"{method}.json"
+def verdicts(checkpoint, tmp_path, capsys, method: str, *more: str) -> dict:
+    out = tmp_path / f"{method}{''.join(more)}.json"
     capsys.readouterr()
-    args = ["verify", str(checkpoint), "--method", method, "--n", "40", "--out", str(out), "--timeout", "5", *EPS]
+    args = ["verify", str(checkpoint), "--method", method, "--n", "40", "--out", str(out), "--timeout", "5", *EPS,
+            *more]
     assert main(args) == 0
     assert f"| {method} | 0.05 | 40 |" in capsys.readouterr().out
     return json.loads(out.read_text())
@@ -60,10 +61,44 @@ def test_every_image_gets_one_sound_verdict(checkpoint, tmp_path, capsys):
            {i["index"] for i in alpha["images"] if i["verdict"] == "verified"}
 
 
+def test_images_verified_in_worker_processes_get_the_same_verdicts(checkpoint, tmp_path, capsys, monkeypatch):
+    from robustprune import verification
+
+    pools, original = [], verification._in_workers
+    monkeypatch.setattr(verification, "_in_workers", lambda *a: pools.append(a[-2]) or original(*a))  # a[-2]: jobs
+
+    def without_times(result: dict) -> dict:
+        return {**result, "median_s": None, "worst_s": None,
+                "images": [{**i, "seconds": None} for i in result["images"]]}
+
+    pruned = tmp_path / "pruned.safetensors"  # masks are parametrizations, which do not pickle: baked for workers
+    assert main(["prune", str(checkpoint), "--compression", "2", "--rule", "magnitude", "--out", str(pruned)]) == 0
+    for method in ("crown", "bab"):  # bab: each image's own seed, program and time limit in its worker
+        alone, shared = (verdicts(pruned, tmp_path, capsys, method, *jobs) for jobs in ((), ("--jobs", "2")))
+        assert [i["index"] for i in shared["images"]] == list(range(40))
+        assert without_times(shared) == without_times(alone)
+    assert pools == [2, 2], "--jobs 2 verified in two worker processes"
+    bab = json.loads((tmp_path / "bab--jobs2.json").read_text())
+    assert {"milp", "attack"} <= {i["decided_by"] for i in bab["images"]}, "test setup: every step decides some"
+
+
+def test_a_model_that_cannot_be_sent_to_workers_is_one_clear_error():
+    from robustprune import verification
+    from robustprune.infra.errors import UserError
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    model.note = lambda: None  # a lambda does not pickle
+    x, y = torch.rand(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(UserError, match="cannot be pickled.*use --jobs 1"):
+        verification.verdicts(model, x, y, 0.01, "crown", jobs=2)
+    assert len(verification.verdicts(model, x, y, 0.01, "crown", jobs=1)) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "alfa-crown"], "did you mean 'alpha-crown'"),
     (["--method", "bab", "--timeout", "0"], "--timeout must be > 0"),
     (["--n", "0"], "--n must be >= 1"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
     (["--alpha-iterations", "-1"], "alpha-crown iterations must be an integer >= 0"),
     (["--alpha-lr", "0"], "alpha-crown learning rate must be > 0"),
     (["--set", "threat.norm=l2"], "the verifiers bound the L∞ ball"),

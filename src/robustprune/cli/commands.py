@@ -160,6 +160,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     alpha = AlphaSettings(args.alpha_iterations, args.alpha_lr, args.alpha_intermediate)
     cfg = _checkpoint_config(args, read_metadata(args.checkpoint))
     if cfg.threat.norm != "linf":
@@ -171,7 +173,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         n = min(len(data.test), args.n or cfg.evaluate.n_samples or len(data.test))
         x, y = data.test.x[:n].to(device).double(), data.test.y[:n].to(device)
         found = verification.verdicts(model, x, y, cfg.threat.eps, args.method, cfg.seed, args.timeout,
-                                      progress=True, alpha=alpha)
+                                      progress=True, alpha=alpha, jobs=args.jobs)
         result = verification.summary(found, args.method, cfg.threat.eps)
         if out is not None:
             write_json(out, result)

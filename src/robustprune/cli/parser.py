@@ -97,6 +97,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--alpha-intermediate", action="store_true",
                    help="alpha-crown: also optimise the intermediate bounds (tighter, ~20x slower)")
     p.add_argument("--n", type=int, help="the first n evaluated images (default evaluate.n_samples, else all)")
+    p.add_argument("--jobs", type=int, default=1, help="images verified at once, in worker processes on the CPU, "
+                                                      "each with an equal share of the cores (default 1)")
     p.add_argument("--json", action="store_true", help="print the summary and the per-image verdicts as JSON")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

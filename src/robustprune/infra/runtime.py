@@ -1,6 +1,7 @@
 """Run-time set-up shared by every stage: the device rule and seeding."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -29,6 +30,12 @@ def set_threads(threads: int | None) -> None:
     """Intra-op CPU threads: ``None`` leaves torch's choice (``OMP_NUM_THREADS``, else one per core) untouched."""
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+
+
+def threads_per_worker(workers: int) -> int:
+    """An equal share of this machine's cores (at least 1): torch defaults to one intra-op thread per core in every
+    process, so workers sharing a machine would each take all of it and run no faster than one after the other."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def start(cfg) -> torch.Generator:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from robustprune.infra.errors import UserError
+from robustprune.infra.runtime import threads_per_worker
 from robustprune.sweep.tasks import Task, run_task
 
 BACKENDS = ("local", "ray", "slurm")
@@ -37,7 +37,7 @@ class BackendOptions:
 
     def threads(self) -> int:
         """Intra-op threads per worker: an equal share of this machine's cores."""
-        return max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        return threads_per_worker(self.workers)
 
 
 class Started:
