@@ -12,10 +12,11 @@ from pathlib import Path
 from robustprune.infra import claims
 
 
-def _race(folder: str, count: int, hold_s: float, queue) -> None:
+def _race(folder: str, count: int, hold_s: float, queue, start) -> None:
     """Do every unit not done yet, as ``run_task`` does: claim, look for the result, work, write it, release.
     Holding is marked with an O_EXCL file, so two simultaneous holders would collide there."""
     won, overlaps = [], []
+    start.wait(timeout=120)  # all at once: a spawned process still importing would find every unit done
     for i in range(count):
         claim = claims.try_claim(Path(folder) / f"unit-{i}.claim")
         if claim is None:
@@ -37,8 +38,8 @@ def _race(folder: str, count: int, hold_s: float, queue) -> None:
 
 def test_processes_racing_for_the_same_claims_never_share_one(tmp_path):
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=_race, args=(str(tmp_path), 60, 0.002, queue)) for _ in range(6)]
+    queue, start = context.Queue(), context.Barrier(6)
+    workers = [context.Process(target=_race, args=(str(tmp_path), 60, 0.01, queue, start)) for _ in range(6)]
     for worker in workers:
         worker.start()
     results = [queue.get(timeout=120) for _ in workers]
