@@ -17,7 +17,7 @@ import multiprocessing
 import pickle
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -67,7 +67,8 @@ def verdicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
         chain = _chain(model, method, x)
         results = []
         for index in range(len(x)):
-            results.append(_verdict(model, chain, x, y, index, eps, method, seed, timeout, alpha))
+            results.append(_verdict(model, chain, x[index:index + 1], y[index:index + 1], index, eps, method, seed,
+                                    timeout, alpha))
             bar.update()
         return results
 
@@ -76,11 +77,11 @@ def _chain(model: nn.Module, method: str, x: torch.Tensor) -> list[milp.Segment]
     return milp.chain_of(build_graph(model), x) if method == "bab" else None
 
 
-def _verdict(model: nn.Module, chain, x: torch.Tensor, y: torch.Tensor, index: int, eps: float, method: str,
+def _verdict(model: nn.Module, chain, image: torch.Tensor, label: torch.Tensor, index: int, eps: float, method: str,
              seed: int, timeout: float, alpha: AlphaSettings | None) -> Verdict:
+    """The verdict of image number ``index`` (1, *shape), seeded by its index wherever it runs."""
     torch.manual_seed(seed + index)
     started = time.perf_counter()
-    image, label = x[index:index + 1], y[index:index + 1]
     if method == "bab":
         verdict, found, step = _bab(model, chain, image, label, eps, started + timeout, alpha)
     else:
@@ -124,9 +125,7 @@ def _start_worker(model: nn.Module, method: str, example: torch.Tensor, threads:
 
 def _worker_verdict(image: torch.Tensor, label: torch.Tensor, index: int, eps: float, method: str, seed: int,
                     timeout: float, alpha: AlphaSettings | None) -> Verdict:
-    """One image's verdict in a worker: as in this process, with the image's own index for its seed."""
-    found = _verdict(_WORKER["model"], _WORKER["chain"], image, label, 0, eps, method, seed + index, timeout, alpha)
-    return replace(found, index=index)
+    return _verdict(_WORKER["model"], _WORKER["chain"], image, label, index, eps, method, seed, timeout, alpha)
 
 
 def _bound_then_attack(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps: float,
